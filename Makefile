@@ -1,0 +1,55 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# Both create .venv when it is missing (pip, not uv/poetry: only pip sees the local CPU torch wheel).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONSTRAINTS := requirements/constraints-cpu.txt
+STAMP := $(VENV)/.installed
+# Project-local scratch space so runs do not litter /tmp or ~/.cache.
+export TMP_ROOT := $(CURDIR)/.tmp
+DEMO_DIR ?= $(CURDIR)/.demo
+
+.PHONY: venv demo test test-fast bench lint format lock clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	@mkdir -p $(TMP_ROOT)
+	$(BIN)/python -m jobs.demo --out $(DEMO_DIR)
+
+test: $(STAMP)
+	@mkdir -p $(TMP_ROOT)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	@mkdir -p $(TMP_ROOT)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	@mkdir -p $(TMP_ROOT)
+	@for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# Re-resolve the lock from pyproject (run after changing dependencies; review the diff).
+lock:
+	rm -rf .lockvenv && $(PY) -m venv .lockvenv
+	.lockvenv/bin/pip install -q "torch==2.13.0" && .lockvenv/bin/pip install -q -c <(echo torch==2.13.0) -e ".[dev]"
+	{ sed -n '1,4p' $(CONSTRAINTS); .lockvenv/bin/pip freeze --exclude-editable | grep -v '^torch==' | { cat; echo torch==2.13.0; } | sort -f; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS) && rm -rf .lockvenv
+
+clean:
+	rm -rf .tmp .demo .pytest_cache build *.egg-info

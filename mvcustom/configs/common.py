@@ -1,0 +1,66 @@
+"""Config parts shared by several jobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mvcustom.configs.base import check
+
+
+@dataclass
+class MlflowConfig:
+    """Where runs are tracked.
+
+    Attributes:
+        tracking_uri: MLflow tracking URI; ``None`` uses ``$MLFLOW_TRACKING_URI`` or, failing that,
+            ``sqlite:///<cwd>/mlflow.db`` (a plain ``./mlruns`` file store is in maintenance mode
+            in MLflow 3).
+        experiment: experiment name.
+        run_name: optional run name (default: MLflow's generated name).
+        enabled: set false to run without tracking (tests of pure data paths).
+    """
+
+    tracking_uri: str | None = None
+    experiment: str = "mvcustom"
+    run_name: str | None = None
+    enabled: bool = True
+
+
+@dataclass
+class RayConfig:
+    """How the job connects to Ray.
+
+    Attributes:
+        address: ``None`` starts an embedded local Ray (``ray.init()``); ``"auto"`` joins the
+            cluster this process runs on (``ray job submit``); or ``ray://host:port``.
+        num_cpus: CPUs for an embedded local Ray (``None``: all of the machine's).
+        max_errored_blocks: Ray Data's budget of failed blocks before the job aborts (finite: an
+            unlimited budget can hang silently with a dead actor, ray-project/ray#62746).
+    """
+
+    address: str | None = None
+    num_cpus: int | None = None
+    max_errored_blocks: int = 16
+
+    def __post_init__(self) -> None:
+        check(self.num_cpus is None or self.num_cpus > 0, f"ray.num_cpus must be positive, got {self.num_cpus}")
+        check(self.max_errored_blocks >= 0, "ray.max_errored_blocks must be >= 0")
+
+
+@dataclass
+class ClipConfig:
+    """Frames per sample and their stored size (crop to aspect, then resize).
+
+    Attributes:
+        num_frames: frames per clip (N in the shard schema).
+        height, width: stored frame size in pixels (multiples of 8 for the VAE).
+    """
+
+    num_frames: int = 16
+    height: int = 256
+    width: int = 256
+
+    def __post_init__(self) -> None:
+        check(self.num_frames >= 2, f"clip.num_frames must be >= 2, got {self.num_frames}")
+        check(self.height % 8 == 0 and self.width % 8 == 0, f"clip.height/width must be multiples of 8, got {self.height}x{self.width}")
+        check(self.height > 0 and self.width > 0, "clip.height/width must be positive")

@@ -1,0 +1,167 @@
+"""Config of the preprocessing job (``python -m jobs.preprocess``): raw dataset -> WebDataset shards.
+
+The shard schema is DESIGN.md §3; every path is an fsspec URL (local, ``s3://``, ``gs://``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mvcustom.configs.base import check
+from mvcustom.configs.common import ClipConfig, MlflowConfig, RayConfig
+
+
+@dataclass
+class Co3dInputConfig:
+    """Which CO3Dv2 frames become clips.
+
+    Attributes:
+        categories: categories to read (empty: every category folder under the root).
+        subset_name: set-list subset (``fewview_dev``, ``manyview_dev_0``, ...) restricting frames
+            to its ``splits``; ``None`` uses every annotated frame.
+        splits: set-list splits to keep (``train``, ``val``, ``test``) when ``subset_name`` is set.
+        min_viewpoint_quality: drop sequences whose ``viewpoint_quality_score`` is lower (or
+            missing, when this is > 0).
+        clip_sampling: ``spread`` (views evenly around the capture), ``random`` or ``contiguous``.
+        clips_per_sequence: clips drawn from each sequence.
+        caption_template: caption, formatted with ``{category}``.
+        captions_file: optional JSON ``{sequence_name: caption}`` that overrides the template.
+        depth: ``dataset`` (CO3D's MVS depth), ``zoedepth`` (estimated) or ``both``.
+    """
+
+    categories: list[str] = field(default_factory=list)
+    subset_name: str | None = None
+    splits: list[str] = field(default_factory=lambda: ["train"])
+    min_viewpoint_quality: float = 0.0
+    clip_sampling: Literal["spread", "random", "contiguous"] = "spread"
+    clips_per_sequence: int = 1
+    caption_template: str = "a photo of a {category}"
+    captions_file: str | None = None
+    depth: Literal["dataset", "zoedepth", "both"] = "dataset"
+
+    def __post_init__(self) -> None:
+        for s in self.splits:
+            check(s in ("train", "val", "test"), f"co3d.splits: unknown split {s!r}")
+        check(self.clips_per_sequence >= 1, "co3d.clips_per_sequence must be >= 1")
+
+
+@dataclass
+class WebVidInputConfig:
+    """Which WebVid rows become clips.
+
+    Attributes:
+        csv: CSV files or globs relative to the input root (WebVid's ``results_*.csv``).
+        video_path_template: where a row's video lies, relative to the input root, formatted with
+            the row's columns (the m-bain downloader's layout ``videos/{page_dir}/{videoid}.mp4``).
+        use_url_column: read ``contentUrl`` directly instead of the template.
+        target_fps: frames are sampled at this rate from the video's start (``None``: every frame).
+        max_rows: read at most this many rows (``None``: all).
+    """
+
+    csv: list[str] = field(default_factory=lambda: ["results_*.csv"])
+    video_path_template: str = "videos/{page_dir}/{videoid}.mp4"
+    use_url_column: bool = False
+    target_fps: float | None = 8.0
+    max_rows: int | None = None
+
+    def __post_init__(self) -> None:
+        check(len(self.csv) > 0, "webvid.csv must name at least one CSV file or glob")
+        check(self.target_fps is None or self.target_fps > 0, "webvid.target_fps must be positive")
+
+
+@dataclass
+class DepthModelConfig:
+    """ZoeDepth estimation in a Ray Data actor pool.
+
+    Attributes:
+        model: ``from_pretrained`` path or hub id (default ``Intel/zoedepth-nyu-kitti``).
+        batch_size: frames per forward pass.
+        num_gpus: GPUs per actor (fractions share a GPU; 0 runs on CPU).
+        num_cpus: CPUs per actor (fractional on small machines so reads are not starved).
+        actors: actor pool size.
+    """
+
+    model: str = "Intel/zoedepth-nyu-kitti"
+    batch_size: int = 8
+    num_gpus: float = 0.0
+    num_cpus: float = 0.5
+    actors: int = 1
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1 and self.actors >= 1, "depth.batch_size and depth.actors must be >= 1")
+        check(self.num_gpus >= 0 and self.num_cpus > 0, "depth.num_gpus must be >= 0 and depth.num_cpus > 0")
+
+
+@dataclass
+class SfmConfig:
+    """pycolmap structure-from-motion for clips without poses (WebVid).
+
+    Attributes:
+        matcher: ``sequential`` (video order, ``overlap`` neighbours) or ``exhaustive``.
+        overlap: neighbours matched per frame with the sequential matcher.
+        mapper: ``incremental`` or ``global`` (GLOMAP).
+        min_registered_fraction: a reconstruction registering fewer frames counts as failed.
+        keep_failed: keep clips whose SfM failed (without poses, flagged) instead of dropping them.
+        num_threads: threads per SfM task (one Ray CPU each).
+    """
+
+    matcher: Literal["sequential", "exhaustive"] = "sequential"
+    overlap: int = 5
+    mapper: Literal["incremental", "global"] = "incremental"
+    min_registered_fraction: float = 0.8
+    keep_failed: bool = False
+    num_threads: int = 1
+
+    def __post_init__(self) -> None:
+        check(0 < self.min_registered_fraction <= 1, "sfm.min_registered_fraction must be in (0, 1]")
+        check(self.overlap >= 1 and self.num_threads >= 1, "sfm.overlap and sfm.num_threads must be >= 1")
+
+
+@dataclass
+class PreprocessConfig:
+    """Raw dataset -> shards.
+
+    Attributes:
+        source: ``co3d`` or ``webvid``.
+        input: dataset root (fsspec URL).
+        output: output folder for ``{split}-{index:06d}.tar``, ``manifest.parquet``, ``errors.parquet``.
+        split: shard name prefix.
+        samples_per_shard: clips per tar (the unit of work, retry and resume).
+        jpeg_quality: quality of the stored frames.
+        estimate_depth: run ZoeDepth (WebVid always needs it for depth; CO3D per ``co3d.depth``).
+        estimate_poses: run SfM (WebVid; CO3D has annotated cameras).
+    """
+
+    PRESETS = ("debug",)
+
+    source: Literal["co3d", "webvid"] = "co3d"
+    input: str = ""
+    output: str = ""
+    split: str = "train"
+    samples_per_shard: int = 64
+    jpeg_quality: int = 95
+    estimate_depth: bool = True
+    estimate_poses: bool = True
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    co3d: Co3dInputConfig = field(default_factory=Co3dInputConfig)
+    webvid: WebVidInputConfig = field(default_factory=WebVidInputConfig)
+    depth: DepthModelConfig = field(default_factory=DepthModelConfig)
+    sfm: SfmConfig = field(default_factory=SfmConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MlflowConfig = field(default_factory=lambda: MlflowConfig(experiment="mvcustom-preprocess"))
+
+    def __post_init__(self) -> None:
+        check(self.samples_per_shard >= 1, "samples_per_shard must be >= 1")
+        check(1 <= self.jpeg_quality <= 100, "jpeg_quality must be in [1, 100]")
+        check(all(c.isalnum() or c in "_-" for c in self.split) and self.split != "", f"split {self.split!r} may only use [A-Za-z0-9_-]")
+
+    @classmethod
+    def debug(cls) -> PreprocessConfig:
+        return cls(
+            samples_per_shard=4,
+            clip=ClipConfig(num_frames=8, height=64, width=64),
+            depth=DepthModelConfig(batch_size=4),
+            sfm=SfmConfig(overlap=3),
+            ray=RayConfig(num_cpus=2),
+        )

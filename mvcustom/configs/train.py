@@ -1,0 +1,150 @@
+"""Config of the training job (``python -m jobs.train``): Ray Train + DeepSpeed ZeRO."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mvcustom.configs.base import check
+from mvcustom.configs.common import ClipConfig, MlflowConfig, RayConfig
+
+
+@dataclass
+class ModelConfig:
+    """Which model is built.
+
+    Attributes:
+        size: ``tiny`` (random weights, seconds on CPU; tests and the demo) or ``sd15`` (SD 1.5
+            image layers + AnimateDiff motion modules, loaded from ``pretrained``/``motion_adapter``).
+        pretrained: ``from_pretrained`` folder or hub id of the Stable Diffusion 1.5 pipeline.
+        motion_adapter: ``from_pretrained`` folder or hub id of the AnimateDiff motion adapter.
+        camera_encoder: CameraCtrl-style Plücker encoder in the motion modules (our addition
+            beyond the paper; the ``paper`` recipe turns it off, DESIGN.md §1).
+        stt_radius_schedule: progressive dense spatio-temporal attention: ``[[step, radius], ...]``
+            (radius in latent pixels; -1 = full feature map); the radius in force at a step is
+            the last entry whose step is <= it.
+        featurenerf_blocks: indices (0-15) of the transformer blocks that carry the FeatureNeRF
+            branch in stage 2.
+    """
+
+    size: Literal["tiny", "sd15"] = "tiny"
+    pretrained: str | None = None
+    motion_adapter: str | None = None
+    camera_encoder: bool = True
+    stt_radius_schedule: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0), (1000, 1), (3000, 2), (6000, -1)])
+    featurenerf_blocks: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8, 9, 10])
+
+    def __post_init__(self) -> None:
+        steps = [s for s, _ in self.stt_radius_schedule]
+        check(steps == sorted(steps) and steps and steps[0] == 0, "model.stt_radius_schedule must start at step 0 and be sorted by step")
+        check(all(r >= -1 for _, r in self.stt_radius_schedule), "model.stt_radius_schedule radii must be >= 0 or -1 (full)")
+        check(all(0 <= b < 16 for b in self.featurenerf_blocks), "model.featurenerf_blocks must be indices in [0, 16)")
+        check(self.size == "tiny" or self.pretrained is not None, "model.pretrained is required unless model.size is tiny")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup then a constant or cosine schedule.
+
+    Attributes:
+        lr: peak learning rate. weight_decay: AdamW decay. warmup_steps: linear warmup.
+        schedule: ``constant`` or ``cosine`` (to 0 at ``max_steps``).
+        grad_accum: micro-batches per optimizer step. grad_clip: max gradient norm (0: off).
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    warmup_steps: int = 100
+    schedule: Literal["constant", "cosine"] = "constant"
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "optim.lr must be positive")
+        check(self.grad_accum >= 1 and self.warmup_steps >= 0 and self.grad_clip >= 0, "optim: grad_accum >= 1, warmup_steps >= 0, grad_clip >= 0")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed settings derived into its JSON config (one source of truth).
+
+    Attributes:
+        zero_stage: ZeRO stage 0-3. offload_optimizer: ZeRO-Offload of optimizer state to CPU.
+        precision: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``.
+        raw_override: keys merged last into the generated DeepSpeed JSON (escape hatch).
+    """
+
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    raw_override: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check(self.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0-3, got {self.zero_stage}")
+
+
+@dataclass
+class ScalingConfig:
+    """Ray Train workers. num_workers: ranks. use_gpu: one GPU per worker times ``gpus_per_worker``."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+
+    def __post_init__(self) -> None:
+        check(self.num_workers >= 1, "scaling.num_workers must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """A training run.
+
+    Attributes:
+        stage: ``backbone`` (stage 1: motion/STT + camera encoder on video clips) or ``customize``
+            (stage 2: FeatureNeRF + token + injection layers on one subject).
+        shards: shard URLs or globs (fsspec).
+        output: run folder for checkpoints and the exported model.
+        init_from: a ``from_pretrained`` folder to start from (stage 2: the stage-1 export).
+        subject_token: the textual-inversion token (stage 2).
+        batch_size: clips per rank per micro-batch. max_steps: optimizer steps.
+        checkpoint_every: steps between checkpoints. sample_every: steps between sample grids.
+        seed: global seed (ranks derive theirs from it).
+    """
+
+    PRESETS = ("debug",)
+
+    stage: Literal["backbone", "customize"] = "backbone"
+    shards: list[str] = field(default_factory=list)
+    output: str = ""
+    init_from: str | None = None
+    subject_token: str = "<sks>"
+    batch_size: int = 1
+    max_steps: int = 1000
+    checkpoint_every: int = 200
+    sample_every: int = 500
+    seed: int = 0
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MlflowConfig = field(default_factory=lambda: MlflowConfig(experiment="mvcustom-train"))
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1 and self.max_steps >= 1, "batch_size and max_steps must be >= 1")
+        check(self.checkpoint_every >= 1 and self.sample_every >= 1, "checkpoint_every and sample_every must be >= 1")
+        check(self.stage == "backbone" or self.init_from is not None or self.model.size == "tiny",
+              "stage customize needs init_from (the stage-1 export) unless the model is tiny")
+
+    @classmethod
+    def debug(cls) -> TrainConfig:
+        return cls(
+            max_steps=4,
+            checkpoint_every=2,
+            sample_every=4,
+            clip=ClipConfig(num_frames=4, height=32, width=32),
+            model=ModelConfig(stt_radius_schedule=[(0, 0), (2, -1)]),
+            optim=OptimConfig(warmup_steps=1),
+        )
