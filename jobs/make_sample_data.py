@@ -1,6 +1,6 @@
 """Write the synthetic CO3Dv2 and WebVid sample datasets (real on-disk formats) plus ground truth.
 
-    python -m jobs.make_sample_data --out DIR [--config jobs/configs/sample_data_demo.yaml] [--set co3d.frames_per_sequence=8]
+python -m jobs.make_sample_data --out DIR [--config jobs/configs/make_sample_data_demo.yaml] [--set co3d.frames_per_sequence=8]
 """
 
 from __future__ import annotations
@@ -16,9 +16,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder or fsspec URL")
     ap.add_argument("--config", help="YAML config (default: the demo preset)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key",
+    )
     args = ap.parse_args(argv)
-    cfg = load_config(SampleDataConfig, args.config, args.overrides) if args.config else from_dict(SampleDataConfig, {}, "--set", args.overrides)
+    cfg = (
+        load_config(SampleDataConfig, args.config, args.overrides)
+        if args.config
+        else from_dict(SampleDataConfig, {}, "--set", args.overrides)
+    )
     print(dump_config(cfg))
     index = generate_sample_data(args.out, cfg)
     out = args.out.rstrip("/")

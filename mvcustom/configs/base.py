@@ -48,7 +48,9 @@ def _coerce(value: Any, tp, where: str) -> Any:
                 return _coerce(value, a, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_type_name(tp)}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_type_name(tp)}"
+        )
     if origin is Literal:
         if value not in get_args(tp):
             raise ConfigError(f"{where}: {value!r} is not one of {list(get_args(tp))}")
@@ -68,7 +70,9 @@ def _coerce(value: Any, tp, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+            return tuple(
+                _coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+            )
         item = args[0] if args else Any
         out = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
@@ -109,7 +113,10 @@ def _from_dict(cls: type[T], data: dict, where: str) -> T:
             raise ConfigError(
                 f"{source}: unknown key {full!r} (valid keys of {cls.__name__}: {', '.join(sorted(fields))})"
             )
-    kwargs = {name: _coerce(value, hints[name], f"{source}: {key + '.' if key else ''}{name}") for name, value in data.items()}
+    kwargs = {
+        name: _coerce(value, hints[name], f"{source}: {key + '.' if key else ''}{name}")
+        for name, value in data.items()
+    }
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -178,7 +185,9 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def from_dict(cls: type[T], data: dict, source: str = "<dict>", overrides: list[str] | tuple[str, ...] = ()) -> T:
+def from_dict(
+    cls: type[T], data: dict, source: str = "<dict>", overrides: list[str] | tuple[str, ...] = ()
+) -> T:
     """Build ``cls`` from a mapping (with an optional ``preset`` key) plus overrides."""
     data = dict(data or {})
     for ov in overrides:

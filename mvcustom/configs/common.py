@@ -43,7 +43,9 @@ class RayConfig:
     max_errored_blocks: int = 16
 
     def __post_init__(self) -> None:
-        check(self.num_cpus is None or self.num_cpus > 0, f"ray.num_cpus must be positive, got {self.num_cpus}")
+        check(
+            self.num_cpus is None or self.num_cpus > 0, f"ray.num_cpus must be positive, got {self.num_cpus}"
+        )
         check(self.max_errored_blocks >= 0, "ray.max_errored_blocks must be >= 0")
 
 
@@ -62,5 +64,8 @@ class ClipConfig:
 
     def __post_init__(self) -> None:
         check(self.num_frames >= 2, f"clip.num_frames must be >= 2, got {self.num_frames}")
-        check(self.height % 8 == 0 and self.width % 8 == 0, f"clip.height/width must be multiples of 8, got {self.height}x{self.width}")
+        check(
+            self.height % 8 == 0 and self.width % 8 == 0,
+            f"clip.height/width must be multiples of 8, got {self.height}x{self.width}",
+        )
         check(self.height > 0 and self.width > 0, "clip.height/width must be positive")

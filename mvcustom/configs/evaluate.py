@@ -30,8 +30,14 @@ class SamplingConfig:
     anchors: int = 1
 
     def __post_init__(self) -> None:
-        check(0 <= self.feature_rendering_steps <= self.num_inference_steps, "sampling.feature_rendering_steps must be within num_inference_steps")
-        check(0 <= self.completion_until_step <= self.num_inference_steps, "sampling.completion_until_step must be within num_inference_steps")
+        check(
+            0 <= self.feature_rendering_steps <= self.num_inference_steps,
+            "sampling.feature_rendering_steps must be within num_inference_steps",
+        )
+        check(
+            0 <= self.completion_until_step <= self.num_inference_steps,
+            "sampling.completion_until_step must be within num_inference_steps",
+        )
         check(self.anchors >= 1, "sampling.anchors must be >= 1")
 
 
@@ -74,5 +80,7 @@ class EvaluateConfig:
     def debug(cls) -> EvaluateConfig:
         return cls(
             clip=ClipConfig(num_frames=4, height=32, width=32),
-            sampling=SamplingConfig(num_inference_steps=4, feature_rendering_steps=3, completion_until_step=1),
+            sampling=SamplingConfig(
+                num_inference_steps=4, feature_rendering_steps=3, completion_until_step=1
+            ),
         )

@@ -154,7 +154,10 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         check(self.samples_per_shard >= 1, "samples_per_shard must be >= 1")
         check(1 <= self.jpeg_quality <= 100, "jpeg_quality must be in [1, 100]")
-        check(all(c.isalnum() or c in "_-" for c in self.split) and self.split != "", f"split {self.split!r} may only use [A-Za-z0-9_-]")
+        check(
+            all(c.isalnum() or c in "_-" for c in self.split) and self.split != "",
+            f"split {self.split!r} may only use [A-Za-z0-9_-]",
+        )
 
     @classmethod
     def debug(cls) -> PreprocessConfig:

@@ -35,12 +35,18 @@ class Co3dSampleConfig:
         from mvcustom.data.generator.subjects import CATEGORIES
 
         for c in self.categories:
-            check(c in CATEGORIES, f"co3d.categories: unknown category {c!r}; the generator knows {list(CATEGORIES)}")
+            check(
+                c in CATEGORIES,
+                f"co3d.categories: unknown category {c!r}; the generator knows {list(CATEGORIES)}",
+            )
         check(self.sequences_per_category >= 1, "co3d.sequences_per_category must be >= 1")
         check(self.frames_per_sequence >= 2, "co3d.frames_per_sequence must be >= 2")
         check(len(self.image_sizes) > 0, "co3d.image_sizes must not be empty")
         for f in self.intrinsics_formats:
-            check(f in ("ndc_isotropic", "ndc_norm_image_bounds"), f"co3d.intrinsics_formats: unknown format {f!r}")
+            check(
+                f in ("ndc_isotropic", "ndc_norm_image_bounds"),
+                f"co3d.intrinsics_formats: unknown format {f!r}",
+            )
         check(0 <= self.depth_hole_fraction < 1, "co3d.depth_hole_fraction must be in [0, 1)")
 
 
@@ -70,7 +76,10 @@ class WebVidSampleConfig:
 
     def __post_init__(self) -> None:
         check(self.num_videos >= 0, "webvid.num_videos must be >= 0")
-        check(self.height % 2 == 0 and self.width % 2 == 0, f"webvid.height/width must be even for H.264, got {self.height}x{self.width}")
+        check(
+            self.height % 2 == 0 and self.width % 2 == 0,
+            f"webvid.height/width must be even for H.264, got {self.height}x{self.width}",
+        )
         check(self.fps > 0 and self.duration_s > 0, "webvid.fps and webvid.duration_s must be positive")
         for m in self.motions:
             check(m in ("orbit", "truck", "dolly", "arc", "static"), f"webvid.motions: unknown motion {m!r}")
@@ -103,6 +112,10 @@ class SampleDataConfig:
     @classmethod
     def debug(cls) -> SampleDataConfig:
         return cls(
-            co3d=Co3dSampleConfig(categories=["teddybear", "car"], sequences_per_category=2, frames_per_sequence=8),
-            webvid=WebVidSampleConfig(num_videos=2, height=96, width=160, fps=12, duration_s=1.0),
+            co3d=Co3dSampleConfig(
+                categories=["teddybear", "car"], sequences_per_category=2, frames_per_sequence=8
+            ),
+            webvid=WebVidSampleConfig(
+                num_videos=2, height=96, width=160, fps=12, duration_s=1.0, motions=["arc", "truck"]
+            ),
         )

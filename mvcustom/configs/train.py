@@ -31,15 +31,29 @@ class ModelConfig:
     pretrained: str | None = None
     motion_adapter: str | None = None
     camera_encoder: bool = True
-    stt_radius_schedule: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0), (1000, 1), (3000, 2), (6000, -1)])
+    stt_radius_schedule: list[tuple[int, int]] = field(
+        default_factory=lambda: [(0, 0), (1000, 1), (3000, 2), (6000, -1)]
+    )
     featurenerf_blocks: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8, 9, 10])
 
     def __post_init__(self) -> None:
         steps = [s for s, _ in self.stt_radius_schedule]
-        check(steps == sorted(steps) and steps and steps[0] == 0, "model.stt_radius_schedule must start at step 0 and be sorted by step")
-        check(all(r >= -1 for _, r in self.stt_radius_schedule), "model.stt_radius_schedule radii must be >= 0 or -1 (full)")
-        check(all(0 <= b < 16 for b in self.featurenerf_blocks), "model.featurenerf_blocks must be indices in [0, 16)")
-        check(self.size == "tiny" or self.pretrained is not None, "model.pretrained is required unless model.size is tiny")
+        check(
+            steps == sorted(steps) and steps and steps[0] == 0,
+            "model.stt_radius_schedule must start at step 0 and be sorted by step",
+        )
+        check(
+            all(r >= -1 for _, r in self.stt_radius_schedule),
+            "model.stt_radius_schedule radii must be >= 0 or -1 (full)",
+        )
+        check(
+            all(0 <= b < 16 for b in self.featurenerf_blocks),
+            "model.featurenerf_blocks must be indices in [0, 16)",
+        )
+        check(
+            self.size == "tiny" or self.pretrained is not None,
+            "model.pretrained is required unless model.size is tiny",
+        )
 
 
 @dataclass
@@ -61,7 +75,10 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "optim.lr must be positive")
-        check(self.grad_accum >= 1 and self.warmup_steps >= 0 and self.grad_clip >= 0, "optim: grad_accum >= 1, warmup_steps >= 0, grad_clip >= 0")
+        check(
+            self.grad_accum >= 1 and self.warmup_steps >= 0 and self.grad_clip >= 0,
+            "optim: grad_accum >= 1, warmup_steps >= 0, grad_clip >= 0",
+        )
 
 
 @dataclass
@@ -134,9 +151,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1 and self.max_steps >= 1, "batch_size and max_steps must be >= 1")
-        check(self.checkpoint_every >= 1 and self.sample_every >= 1, "checkpoint_every and sample_every must be >= 1")
-        check(self.stage == "backbone" or self.init_from is not None or self.model.size == "tiny",
-              "stage customize needs init_from (the stage-1 export) unless the model is tiny")
+        check(
+            self.checkpoint_every >= 1 and self.sample_every >= 1,
+            "checkpoint_every and sample_every must be >= 1",
+        )
+        check(
+            self.stage == "backbone" or self.init_from is not None or self.model.size == "tiny",
+            "stage customize needs init_from (the stage-1 export) unless the model is tiny",
+        )
 
     @classmethod
     def debug(cls) -> TrainConfig:

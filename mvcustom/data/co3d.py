@@ -181,26 +181,33 @@ def parse_frame_annotation(d: dict, source: str, index: int) -> FrameAnnotation:
             c.fail("depth.scale_adjustment", f"must be positive, got {scale}")
         mp = c.get(dd, "mask_path", "depth.", required=False)
         depth = DepthAnnotation(
-            c.text(c.get(dd, "path", "depth."), "depth.path"), scale, c.text(mp, "depth.mask_path") if mp else None
+            c.text(c.get(dd, "path", "depth."), "depth.path"),
+            scale,
+            c.text(mp, "depth.mask_path") if mp else None,
         )
     mask = None
     if d.get("mask") is not None:
         md = d["mask"]
         mass = c.get(md, "mass", "mask.", required=False)
         mask = MaskAnnotation(
-            c.text(c.get(md, "path", "mask."), "mask.path"), None if mass is None else c.num(mass, "mask.mass")
+            c.text(c.get(md, "path", "mask."), "mask.path"),
+            None if mass is None else c.num(mass, "mask.mass"),
         )
     vp = None
     if d.get("viewpoint") is not None:
         v = d["viewpoint"]
         fmt = v.get("intrinsics_format", "ndc_norm_image_bounds") if isinstance(v, dict) else None
         if fmt not in ("ndc_norm_image_bounds", "ndc_isotropic"):
-            c.fail("viewpoint.intrinsics_format", f"must be ndc_norm_image_bounds or ndc_isotropic, got {fmt!r}")
+            c.fail(
+                "viewpoint.intrinsics_format", f"must be ndc_norm_image_bounds or ndc_isotropic, got {fmt!r}"
+            )
         vp = ViewpointAnnotation(
             R=c.vec(c.get(v, "R", "viewpoint."), "viewpoint.R", (3, 3)),
             T=c.vec(c.get(v, "T", "viewpoint."), "viewpoint.T", (3,)),
             focal_length=c.vec(c.get(v, "focal_length", "viewpoint."), "viewpoint.focal_length", (2,)),
-            principal_point=c.vec(c.get(v, "principal_point", "viewpoint."), "viewpoint.principal_point", (2,)),
+            principal_point=c.vec(
+                c.get(v, "principal_point", "viewpoint."), "viewpoint.principal_point", (2,)
+            ),
             intrinsics_format=fmt,
         )
     meta = d.get("meta")
@@ -230,7 +237,9 @@ def parse_sequence_annotation(d: dict, source: str, index: int) -> SequenceAnnot
             c.num(c.get(p, "quality_score", "point_cloud."), "point_cloud.quality_score"),
             None if n is None else c.num(n, "point_cloud.n_points", int),
         )
-    return SequenceAnnotation(name, cat, video, pc, None if q is None else c.num(q, "viewpoint_quality_score"))
+    return SequenceAnnotation(
+        name, cat, video, pc, None if q is None else c.num(q, "viewpoint_quality_score")
+    )
 
 
 def read_jgz(path: str) -> Any:
@@ -257,7 +266,9 @@ def load_category(root: str, category: str) -> Co3dCategory:
     seqs = [parse_sequence_annotation(d, spath, i) for i, d in enumerate(seqs_raw)]
     for i, s in enumerate(seqs):
         if s.category != category:
-            raise ValueError(f"{spath}: sequence record {i} ({s.sequence_name}): field 'category' is {s.category!r}, expected {category!r}")
+            raise ValueError(
+                f"{spath}: sequence record {i} ({s.sequence_name}): field 'category' is {s.category!r}, expected {category!r}"
+            )
     return Co3dCategory(category, frames, {s.sequence_name: s for s in seqs})
 
 
@@ -268,7 +279,9 @@ def load_set_list(root: str, category: str, subset_name: str) -> dict[str, list[
         with fsspec.open(path, "r") as f:
             raw = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: set list not found (subset {subset_name!r} of category {category!r})") from None
+        raise FileNotFoundError(
+            f"{path}: set list not found (subset {subset_name!r} of category {category!r})"
+        ) from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
@@ -277,8 +290,12 @@ def load_set_list(root: str, category: str, subset_name: str) -> dict[str, list[
     for split, entries in raw.items():
         rows = []
         for i, e in enumerate(entries):
-            if not (isinstance(e, list) and len(e) in (2, 3) and isinstance(e[0], str) and isinstance(e[1], int)):
-                raise ValueError(f"{path}: field '{split}[{i}]' must be [sequence_name, frame_number, image_path], got {e!r}")
+            if not (
+                isinstance(e, list) and len(e) in (2, 3) and isinstance(e[0], str) and isinstance(e[1], int)
+            ):
+                raise ValueError(
+                    f"{path}: field '{split}[{i}]' must be [sequence_name, frame_number, image_path], got {e!r}"
+                )
             rows.append((e[0], e[1], e[2] if len(e) == 3 else ""))
         out[split] = rows
     return out
@@ -289,7 +306,11 @@ def available_subsets(root: str, category: str) -> list[str]:
     if not fs.exists(base):
         return []
     names = [p.rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)]
-    return sorted(n[len("set_lists_") : -len(".json")] for n in names if n.startswith("set_lists_") and n.endswith(".json"))
+    return sorted(
+        n[len("set_lists_") : -len(".json")]
+        for n in names
+        if n.startswith("set_lists_") and n.endswith(".json")
+    )
 
 
 # --------------------------------------------------------------------------- decoding
@@ -349,7 +370,9 @@ def load_image(root: str, ann: ImageAnnotation) -> np.ndarray:
     path = f"{root.rstrip('/')}/{ann.path}"
     img = _decode_png(path, "RGB")
     if img.shape[:2] != tuple(ann.size):
-        raise ValueError(f"{path}: image is {img.shape[0]}x{img.shape[1]} but annotation 'image.size' says {ann.size[0]}x{ann.size[1]}")
+        raise ValueError(
+            f"{path}: image is {img.shape[0]}x{img.shape[1]} but annotation 'image.size' says {ann.size[0]}x{ann.size[1]}"
+        )
     return img
 
 

@@ -30,7 +30,9 @@ def umeyama(src: Tensor, dst: Tensor, with_scale: bool = True) -> tuple[Tensor, 
     src = torch.as_tensor(src, dtype=torch.float64)
     dst = torch.as_tensor(dst, dtype=torch.float64)
     if src.shape != dst.shape or src.ndim != 2 or src.shape[1] != 3:
-        raise ValueError(f"umeyama needs two (P, 3) arrays of equal shape, got {tuple(src.shape)} and {tuple(dst.shape)}")
+        raise ValueError(
+            f"umeyama needs two (P, 3) arrays of equal shape, got {tuple(src.shape)} and {tuple(dst.shape)}"
+        )
     if src.shape[0] < 3:
         raise ValueError(f"umeyama needs at least 3 points, got {src.shape[0]}")
     mu_s, mu_d = src.mean(0), dst.mean(0)
@@ -50,9 +52,16 @@ def umeyama(src: Tensor, dst: Tensor, with_scale: bool = True) -> tuple[Tensor, 
 
 
 def rotation_angle_deg(R: Tensor) -> Tensor:
-    """Geodesic angle (degrees) of rotations ``(..., 3, 3)``."""
+    """Geodesic angle (degrees) of rotations ``(..., 3, 3)``.
+
+    ``atan2(sin, cos)`` rather than ``arccos((tr - 1) / 2)``: the latter loses half the digits near
+    zero (``acos(1 - e) ~ sqrt(2 e)``), exactly where pose errors live.
+    """
     tr = R.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return torch.rad2deg(torch.arccos(((tr - 1) / 2).clamp(-1.0, 1.0)))
+    skew = torch.stack(
+        [R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1
+    )
+    return torch.rad2deg(torch.atan2(skew.norm(dim=-1) / 2, (tr - 1) / 2))
 
 
 def _pairs(n: int) -> tuple[Tensor, Tensor]:
@@ -80,8 +89,7 @@ def relative_pose_errors(pred: Cameras, true: Cameras) -> dict[str, Tensor]:
         rel[name] = (Rij, tij)
     out["rotation_deg"] = rotation_angle_deg(rel["pred"][0] @ rel["true"][0].transpose(1, 2))
     tp, tt = rel["pred"][1], rel["true"][1]
-    cos = (tp * tt).sum(-1) / (tp.norm(dim=-1) * tt.norm(dim=-1))
-    ang = torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
+    ang = torch.rad2deg(torch.atan2(torch.linalg.cross(tp, tt, dim=-1).norm(dim=-1), (tp * tt).sum(-1)))
     ang[tt.norm(dim=-1) < 1e-9] = float("nan")
     out["translation_deg"] = ang
     return out

@@ -30,7 +30,9 @@ def _as_batch(x: Tensor, shape_tail: tuple[int, ...], name: str) -> Tensor:
     if x.shape == shape_tail:
         x = x.unsqueeze(0)
     if x.ndim != len(shape_tail) + 1 or tuple(x.shape[1:]) != shape_tail:
-        raise ValueError(f"{name} must have shape (N, {', '.join(map(str, shape_tail))}), got {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have shape (N, {', '.join(map(str, shape_tail))}), got {tuple(x.shape)}"
+        )
     return x
 
 

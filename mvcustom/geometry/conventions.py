@@ -113,7 +113,10 @@ def cameras_from_co3d_viewpoints(viewpoints: Sequence[dict], image_hw: Tensor) -
     hw = torch.as_tensor(image_hw, dtype=torch.int64).reshape(-1, 2)
     if len(formats) > 1:  # rare, but legal per frame: convert each group on its own
         return Cameras.cat(
-            [cameras_from_co3d_viewpoints([vp], hw[i if len(hw) > 1 else 0]) for i, vp in enumerate(viewpoints)]
+            [
+                cameras_from_co3d_viewpoints([vp], hw[i if len(hw) > 1 else 0])
+                for i, vp in enumerate(viewpoints)
+            ]
         )
     (fmt,) = formats
     return cameras_from_pytorch3d(
@@ -129,7 +132,9 @@ def cameras_from_co3d_viewpoints(viewpoints: Sequence[dict], image_hw: Tensor) -
 _PINHOLE_MODELS = {"SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV"}
 
 
-def cameras_from_pycolmap(reconstruction, image_names: Iterable[str] | None = None) -> tuple[Cameras, list[str]]:
+def cameras_from_pycolmap(
+    reconstruction, image_names: Iterable[str] | None = None
+) -> tuple[Cameras, list[str]]:
     """OpenCV cameras of the registered images of a ``pycolmap.Reconstruction``.
 
     Args:
@@ -167,7 +172,9 @@ def cameras_from_pycolmap(reconstruction, image_names: Iterable[str] | None = No
     return Cameras(torch.stack(w2cs), torch.stack(Ks), torch.tensor(hws)), names
 
 
-def parse_realestate10k(lines: Iterable[str], image_hw: tuple[int, int], source: str = "<lines>") -> tuple[Tensor, Cameras]:
+def parse_realestate10k(
+    lines: Iterable[str], image_hw: tuple[int, int], source: str = "<lines>"
+) -> tuple[Tensor, Cameras]:
     """Parse a RealEstate10K camera file's pose lines.
 
     Args:

@@ -52,7 +52,9 @@ from mvcustom.geometry.camera import Cameras, intrinsics_matrix, look_at
 from mvcustom.geometry.conventions import cameras_to_pytorch3d
 
 
-def capture_cameras(gen: torch.Generator, num_frames: int, image_hw: tuple[int, int], center: torch.Tensor, radius: float) -> Cameras:
+def capture_cameras(
+    gen: torch.Generator, num_frames: int, image_hw: tuple[int, int], center: torch.Tensor, radius: float
+) -> Cameras:
     """A hand-held orbit around ``center`` (canonical frame, +z up) that keeps a subject of
     bounding radius ``radius`` in view."""
     H, W = image_hw
@@ -64,7 +66,9 @@ def capture_cameras(gen: torch.Generator, num_frames: int, image_hw: tuple[int, 
     az = torch.deg2rad(a0 + span * t)
     el = torch.deg2rad(_u(gen, 12, 30) + _u(gen, 3, 8) * torch.sin(2 * math.pi * t * _u(gen, 1, 2)))
     r = dist * (1 + 0.05 * torch.sin(2 * math.pi * t * _u(gen, 1, 3) + _u(gen, 0, 6)))
-    eye = center + torch.stack([r * torch.cos(el) * torch.cos(az), r * torch.cos(el) * torch.sin(az), r * torch.sin(el)], -1)
+    eye = center + torch.stack(
+        [r * torch.cos(el) * torch.cos(az), r * torch.cos(el) * torch.sin(az), r * torch.sin(el)], -1
+    )
     eye[:, 2] = eye[:, 2].clamp_min(0.08)
     target = center + 0.03 * radius * torch.randn(num_frames, 3, generator=gen, dtype=torch.float64)
     w2c = look_at(eye, target, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
@@ -121,7 +125,10 @@ def sample_pixels(gen: torch.Generator, fg: torch.Tensor, valid: torch.Tensor, c
     idx_fg = torch.nonzero((fg & valid).reshape(-1)).squeeze(-1)
     idx_bg = torch.nonzero((~fg & valid).reshape(-1)).squeeze(-1)
     n_fg = min(count // 2, len(idx_fg))
-    pick = [idx_fg[torch.randperm(len(idx_fg), generator=gen)[:n_fg]], idx_bg[torch.randperm(len(idx_bg), generator=gen)[: count - n_fg]]]
+    pick = [
+        idx_fg[torch.randperm(len(idx_fg), generator=gen)[:n_fg]],
+        idx_bg[torch.randperm(len(idx_bg), generator=gen)[: count - n_fg]],
+    ]
     return torch.cat(pick)
 
 
@@ -223,7 +230,11 @@ def write_co3d(out: str, cfg: Co3dSampleConfig, seed: int, gt_out: str) -> dict:
                     sequence_name=seq,
                     category=category,
                     video=None,
-                    point_cloud=PointCloudAnnotation(path=f"{seq_dir}/pointcloud.ply", quality_score=_u(gen, 0.3, 1.0), n_points=int(len(keep))),
+                    point_cloud=PointCloudAnnotation(
+                        path=f"{seq_dir}/pointcloud.ply",
+                        quality_score=_u(gen, 0.3, 1.0),
+                        n_points=int(len(keep)),
+                    ),
                     viewpoint_quality_score=_u(gen, 0.2, 1.0),
                 )
             )
@@ -247,7 +258,13 @@ def write_co3d(out: str, cfg: Co3dSampleConfig, seed: int, gt_out: str) -> dict:
             with gfs.open(f"{groot}/co3d/{category}/{seq}.npz", "wb") as f:
                 f.write(buf.getvalue())
             index["categories"].setdefault(category, []).append(
-                {"sequence_name": seq, "intrinsics_format": fmt, "image_hw": [H, W], "set": seq_set, "num_frames": len(cams)}
+                {
+                    "sequence_name": seq,
+                    "intrinsics_format": fmt,
+                    "image_hw": [H, W],
+                    "set": seq_set,
+                    "num_frames": len(cams),
+                }
             )
         _dump_jgz(fs, f"{root}/{category}/frame_annotations.jgz", frames_all)
         _dump_jgz(fs, f"{root}/{category}/sequence_annotations.jgz", seqs_all)
@@ -260,7 +277,9 @@ def _entry(fa: FrameAnnotation) -> list:
     return [fa.sequence_name, fa.frame_number, fa.image.path]
 
 
-def _write_set_lists(fs, cat_dir: str, seq_frames: dict[str, list[FrameAnnotation]], seq_sets: dict[str, str]) -> list[str]:
+def _write_set_lists(
+    fs, cat_dir: str, seq_frames: dict[str, list[FrameAnnotation]], seq_sets: dict[str, str]
+) -> list[str]:
     """``fewview_dev`` (train: train sequences; test: dev sequences) and ``manyview_dev_0`` (one
     dev sequence split into known/unseen frames), with eval batches as CO3Dv2 lays them out."""
     fs.makedirs(f"{cat_dir}/set_lists", exist_ok=True)
@@ -268,7 +287,9 @@ def _write_set_lists(fs, cat_dir: str, seq_frames: dict[str, list[FrameAnnotatio
     train = [_entry(f) for s, fr in seq_frames.items() if seq_sets[s] == "train" for f in fr]
     dev_seqs = [s for s in seq_frames if seq_sets[s] == "dev"]
     test = [_entry(f) for s in dev_seqs for f in seq_frames[s]]
-    _write_json(fs, f"{cat_dir}/set_lists/set_lists_fewview_dev.json", {"train": train, "val": [], "test": test})
+    _write_json(
+        fs, f"{cat_dir}/set_lists/set_lists_fewview_dev.json", {"train": train, "val": [], "test": test}
+    )
     batches = []
     for s in dev_seqs:
         fr = seq_frames[s]
@@ -281,7 +302,11 @@ def _write_set_lists(fs, cat_dir: str, seq_frames: dict[str, list[FrameAnnotatio
         fr = seq_frames[dev_seqs[0]]
         known = [_entry(f) for f in fr if f.frame_number % 2 == 0]
         unseen = [_entry(f) for f in fr if f.frame_number % 2 == 1]
-        _write_json(fs, f"{cat_dir}/set_lists/set_lists_manyview_dev_0.json", {"train": known, "val": [], "test": unseen})
+        _write_json(
+            fs,
+            f"{cat_dir}/set_lists/set_lists_manyview_dev_0.json",
+            {"train": known, "val": [], "test": unseen},
+        )
         _write_json(fs, f"{cat_dir}/eval_batches/eval_batches_manyview_dev_0.json", [[e] for e in unseen])
         subsets.append("manyview_dev_0")
     return subsets

@@ -131,7 +131,9 @@ def _intersect_unit(kind: str, o: Tensor, d: Tensor, inside: bool) -> tuple[Tens
         if inside:
             t = torch.where(hit & (tmax > _EPS), tmax, inf)
         else:
-            t = torch.where(hit & (tmin > _EPS), tmin, torch.where(hit & (tmax > _EPS) & (tmin <= _EPS), tmax, inf))
+            t = torch.where(
+                hit & (tmin > _EPS), tmin, torch.where(hit & (tmax > _EPS) & (tmin <= _EPS), tmax, inf)
+            )
         p = o + t.unsqueeze(-1).nan_to_num(posinf=0) * d
         axis = p.abs().argmax(-1, keepdim=True)
         n = torch.zeros_like(p).scatter(-1, axis, torch.sign(p.gather(-1, axis)))
@@ -244,4 +246,6 @@ def render(scene: Scene, cams: Cameras, device: str | torch.device = "cpu") -> R
         fgs.append(fg.reshape(H, W))
         p[~hit] = float("nan")
         pts.append(p.reshape(H, W, 3))
-    return Render(torch.stack(rgbs).cpu(), torch.stack(depths).cpu(), torch.stack(fgs).cpu(), torch.stack(pts).cpu())
+    return Render(
+        torch.stack(rgbs).cpu(), torch.stack(depths).cpu(), torch.stack(fgs).cpu(), torch.stack(pts).cpu()
+    )

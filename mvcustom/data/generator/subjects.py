@@ -114,7 +114,9 @@ def make_subject(category: str, seed: int) -> list[Primitive]:
     return b.prims
 
 
-def make_room(seed: int, half_extent: float = 3.6, height: float = 2.8, num_props: int = 8) -> list[Primitive]:
+def make_room(
+    seed: int, half_extent: float = 3.6, height: float = 2.8, num_props: int = 8
+) -> list[Primitive]:
     """Textured surroundings: a room (box seen from inside) and props in a ring near the walls."""
     gen = torch.Generator().manual_seed(10_000 + seed)
     b = _Builder(gen, 10_000 + seed, foreground=False, cell=_u(gen, 0.18, 0.3))
@@ -128,7 +130,13 @@ def make_room(seed: int, half_extent: float = 3.6, height: float = 2.8, num_prop
         s = _u(gen, 0.15, 0.35)
         z = s if kind != "box" else _u(gen, s, 1.2)
         b.palette = _palette(gen)
-        b.add(kind, (rad * math.cos(ang), rad * math.sin(ang), z), (s, s * _u(gen, 0.6, 1.4), s), R=rotation_z(_u(gen, 0, 90)), cell=_u(gen, 0.06, 0.12))
+        b.add(
+            kind,
+            (rad * math.cos(ang), rad * math.sin(ang), z),
+            (s, s * _u(gen, 0.6, 1.4), s),
+            R=rotation_z(_u(gen, 0, 90)),
+            cell=_u(gen, 0.06, 0.12),
+        )
     return b.prims
 
 

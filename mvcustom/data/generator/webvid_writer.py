@@ -58,7 +58,14 @@ def clip_cameras(gen: torch.Generator, motion: str, num_frames: int, image_hw: t
         az = a0 + span * t
         r = _u(gen, 1.9, 2.2)
         z = h + (0.5 * t if motion == "arc" else 0.0)
-        eye = torch.stack([r * torch.cos(az), r * torch.sin(az), torch.as_tensor(z, dtype=torch.float64).expand(num_frames)], -1)
+        eye = torch.stack(
+            [
+                r * torch.cos(az),
+                r * torch.sin(az),
+                torch.as_tensor(z, dtype=torch.float64).expand(num_frames),
+            ],
+            -1,
+        )
     elif motion == "truck":
         r = _u(gen, 2.0, 2.2)
         base = torch.tensor([r * math.cos(a0), r * math.sin(a0), h], dtype=torch.float64)
@@ -89,7 +96,9 @@ def encode_h264(frames: np.ndarray, fps: int, crf: int) -> bytes:
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(crf), "preset": "medium"}
         for arr in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):
+            for packet in stream.encode(
+                av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
+            ):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -157,7 +166,9 @@ def write_webvid(out: str, cfg: WebVidSampleConfig, seed: int, gt_out: str) -> d
         )
         with gfs.open(f"{groot}/webvid/{videoid}.npz", "wb") as f:
             f.write(buf.getvalue())
-        index.append({"videoid": videoid, "path": rel, "motion": motion, "category": category, "num_frames": len(cams)})
+        index.append(
+            {"videoid": videoid, "path": rel, "motion": motion, "category": category, "num_frames": len(cams)}
+        )
     with fs.open(f"{root}/results_2M_{cfg.split}.csv", "w", newline="", encoding="utf8") as f:
         w = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS))
         w.writeheader()

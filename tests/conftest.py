@@ -1,0 +1,36 @@
+"""Test environment: project-local scratch folders, offline hub, local MLflow; shared sample data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_SCRATCH = Path(os.environ.get("TMP_ROOT", ROOT / ".tmp"))
+for _name, _sub in (
+    ("TMPDIR", "tmp"),
+    ("RAY_TMPDIR", "ray"),
+    ("TORCH_EXTENSIONS_DIR", "torch_extensions"),
+    ("HF_HOME", "hf"),
+):
+    (_SCRATCH / _sub).mkdir(parents=True, exist_ok=True)
+    os.environ[_name] = str(_SCRATCH / _sub)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SCRATCH / 'mlflow.db'}"
+import tempfile  # noqa: E402  (after TMPDIR is set, so tempfile uses it)
+
+tempfile.tempdir = None
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory) -> Path:
+    """The debug sample datasets (CO3Dv2 + WebVid + ground truth), generated once per session."""
+    from mvcustom.configs import SampleDataConfig
+    from mvcustom.data.generator import generate_sample_data
+
+    out = tmp_path_factory.mktemp("sample_data")
+    generate_sample_data(str(out), SampleDataConfig.debug())
+    return out

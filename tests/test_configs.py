@@ -1,0 +1,110 @@
+"""The one config loader: every shipped YAML loads; mistakes name the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mvcustom.configs import (
+    JOB_CONFIGS,
+    ConfigError,
+    PreprocessConfig,
+    SampleDataConfig,
+    TrainConfig,
+    dump_config,
+    flatten,
+    from_dict,
+    load_config,
+    to_dict,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+
+
+def _config_class(path: Path):
+    for job, cls in sorted(JOB_CONFIGS.items(), key=lambda kv: -len(kv[0])):
+        if path.stem.startswith(job):
+            return cls
+    raise AssertionError(f"{path.name}: no job config class matches its name")
+
+
+def test_every_shipped_yaml_loads():
+    files = sorted(CONFIG_DIR.glob("*.yaml"))
+    assert len(files) >= 8
+    for path in files:
+        cfg = load_config(_config_class(path), path)
+        # dump -> load is the identity
+        again = from_dict(type(cfg), yaml.safe_load(dump_config(cfg)), "dump")
+        assert again == cfg, path.name
+
+
+def test_every_job_has_a_debug_preset():
+    for cls in JOB_CONFIGS.values():
+        assert "debug" in cls.PRESETS
+        assert isinstance(cls.debug(), cls)
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("preset: debug\noptim:\n  lr: 1.0e-4\n  learning_rate: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'optim\.learning_rate'"):
+        load_config(TrainConfig, p)
+    p.write_text("sauce: webvid\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'sauce'"):
+        load_config(PreprocessConfig, p)
+
+
+def test_wrong_types_and_values_are_named(tmp_path):
+    p = tmp_path / "t.yaml"
+    p.write_text("clip:\n  num_frames: sixteen\n")
+    with pytest.raises(ConfigError, match=r"t\.yaml: clip\.num_frames: expected an integer"):
+        load_config(PreprocessConfig, p)
+    p.write_text("source: youtube\n")
+    with pytest.raises(ConfigError, match=r"t\.yaml: source: 'youtube' is not one of"):
+        load_config(PreprocessConfig, p)
+    p.write_text("clip:\n  height: 100\n")  # contradiction caught by __post_init__
+    with pytest.raises(ConfigError, match=r"t\.yaml: clip: clip\.height/width must be multiples of 8"):
+        load_config(PreprocessConfig, p)
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match=r"t\.yaml: top level must be a mapping"):
+        load_config(PreprocessConfig, p)
+    p.write_text("clip: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"t\.yaml: not valid YAML"):
+        load_config(PreprocessConfig, p)
+    with pytest.raises(ConfigError, match=r"missing\.yaml: config file not found"):
+        load_config(PreprocessConfig, tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="preset 'huge' is not one of"):
+        from_dict(TrainConfig, {"preset": "huge"}, "x.yaml")
+
+
+def test_overrides(tmp_path):
+    p = CONFIG_DIR / "preprocess_co3d_debug.yaml"
+    cfg = load_config(
+        PreprocessConfig,
+        p,
+        ["clip.num_frames=4", "co3d.categories=[car, chair]", "ray.address=auto", "co3d.captions_file=null"],
+    )
+    assert cfg.clip.num_frames == 4 and cfg.co3d.categories == ["car", "chair"] and cfg.ray.address == "auto"
+    assert cfg.clip.height == 64  # the rest of the debug preset is kept
+    with pytest.raises(ConfigError, match=r"unknown key 'clip\.frames'"):
+        load_config(PreprocessConfig, p, ["clip.frames=4"])
+    with pytest.raises(ConfigError, match="must look like key.path=value"):
+        load_config(PreprocessConfig, p, ["clip.num_frames"])
+    with pytest.raises(ConfigError, match=r"clip\.num_frames must be >= 2"):
+        load_config(PreprocessConfig, p, ["clip.num_frames=1"])
+
+
+def test_contradictions_are_refused():
+    with pytest.raises(ConfigError, match="stt_radius_schedule must start at step 0"):
+        from_dict(TrainConfig, {"model": {"stt_radius_schedule": [[5, 0]]}}, "x")
+    with pytest.raises(ConfigError, match="model.pretrained is required"):
+        from_dict(TrainConfig, {"model": {"size": "sd15"}}, "x")
+    with pytest.raises(ConfigError, match="unknown category 'dragon'"):
+        from_dict(SampleDataConfig, {"co3d": {"categories": ["dragon"]}}, "x")
+
+
+def test_flatten_for_mlflow():
+    flat = flatten(to_dict(TrainConfig.debug()))
+    assert flat["optim.lr"] == 1e-4 and flat["clip.num_frames"] == 4 and "deepspeed.zero_stage" in flat
