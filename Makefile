@@ -9,6 +9,8 @@ STAMP := $(VENV)/.installed
 # Project-local scratch space so runs do not litter /tmp or ~/.cache.
 export TMP_ROOT := $(CURDIR)/.tmp
 DEMO_DIR ?= $(CURDIR)/.demo
+# This machine's pip config names find-links folders that do not exist; pip warns once per package.
+PIP_NOISE := is ignored: it is neither a file nor a directory
 
 .PHONY: venv demo test test-fast bench lint format lock clean
 
@@ -16,8 +18,9 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
+	@echo "installing the pinned CPU environment into $(VENV) (first run: a few minutes)"
+	set -o pipefail; $(BIN)/python -m pip install -q "torch==2.13.0" 2>&1 | { grep -v "$(PIP_NOISE)" || true; }
+	set -o pipefail; $(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev]" 2>&1 | { grep -v "$(PIP_NOISE)" || true; }
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -47,6 +47,7 @@ from mvcustom.data.co3d import (
 )
 from mvcustom.data.generator.scene import Scene, random_rotation, render
 from mvcustom.data.generator.scene import uniform as _u
+from mvcustom.data.generator.sidecar import save_npz, surface_samples
 from mvcustom.data.generator.subjects import make_room, make_subject, subject_extent
 from mvcustom.geometry.camera import Cameras, intrinsics_matrix, look_at
 from mvcustom.geometry.conventions import cameras_to_pytorch3d
@@ -120,18 +121,6 @@ def _write_json(fs, path: str, obj) -> None:
         json.dump(obj, f)
 
 
-def sample_pixels(gen: torch.Generator, fg: torch.Tensor, valid: torch.Tensor, count: int) -> torch.Tensor:
-    """``(count,)`` flat pixel indices, half on the subject and half elsewhere (where possible)."""
-    idx_fg = torch.nonzero((fg & valid).reshape(-1)).squeeze(-1)
-    idx_bg = torch.nonzero((~fg & valid).reshape(-1)).squeeze(-1)
-    n_fg = min(count // 2, len(idx_fg))
-    pick = [
-        idx_fg[torch.randperm(len(idx_fg), generator=gen)[:n_fg]],
-        idx_bg[torch.randperm(len(idx_bg), generator=gen)[: count - n_fg]],
-    ]
-    return torch.cat(pick)
-
-
 def write_co3d(out: str, cfg: Co3dSampleConfig, seed: int, gt_out: str) -> dict:
     """Write the CO3Dv2 tree under ``out`` and the sidecar under ``gt_out``; return an index."""
     fs, root = fsspec.core.url_to_fs(out)
@@ -171,7 +160,6 @@ def write_co3d(out: str, cfg: Co3dSampleConfig, seed: int, gt_out: str) -> dict:
             seq_set = "train" if si < max(cfg.sequences_per_category - 1, 1) else "dev"
             seq_sets[seq] = seq_set
             frames = []
-            uv_all, p_all = [], []
             for i in range(len(cams)):
                 name = f"frame{i + 1:06d}"
                 img_rel = f"{seq_dir}/images/{name}.jpg"
@@ -193,9 +181,6 @@ def write_co3d(out: str, cfg: Co3dSampleConfig, seed: int, gt_out: str) -> dict:
                     f.write(encode_depth_png(d, scale_adj))
                 with fs.open(f"{root}/{seq_dir}/depth_masks/{name}.png", "wb") as f:
                     f.write(_png((valid * 255).astype(np.uint8)))
-                pix = sample_pixels(gen, rend.foreground[i], rend.depth[i] > 0, cfg.points_per_frame)
-                uv_all.append(torch.stack([(pix % W).double() + 0.5, (pix // W).double() + 0.5], -1))
-                p_all.append(pts_ds[i].reshape(-1, 3)[pix])
                 frames.append(
                     FrameAnnotation(
                         sequence_name=seq,
@@ -241,22 +226,23 @@ def write_co3d(out: str, cfg: Co3dSampleConfig, seed: int, gt_out: str) -> dict:
             frames_all += frames
             seq_frames[seq] = frames
             gfs.makedirs(f"{groot}/co3d/{category}", exist_ok=True)
-            buf = io.BytesIO()
-            np.savez_compressed(
-                buf,
+            # Sample after the loop so the per-frame hole RNG draws stay as they were.
+            uv, pts = surface_samples(gen, rend, cfg.points_per_frame)
+            pts = sw * (pts @ Rw.T + tw)
+            save_npz(
+                gfs,
+                f"{groot}/co3d/{category}/{seq}.npz",
                 w2c=cams_ds.w2c.numpy(),
                 K=cams_ds.K.numpy(),
                 image_hw=cams_ds.image_hw.numpy(),
                 depth=depth_ds.numpy(),
                 foreground=rend.foreground.numpy(),
-                points_world=torch.stack(p_all).numpy(),
-                points_uv=torch.stack(uv_all).numpy(),
+                points_world=pts.numpy(),
+                points_uv=uv.numpy(),
                 frame_numbers=np.arange(len(cams)),
                 world_from_canonical=T.numpy(),
                 world_scale=np.float64(sw),
             )
-            with gfs.open(f"{groot}/co3d/{category}/{seq}.npz", "wb") as f:
-                f.write(buf.getvalue())
             index["categories"].setdefault(category, []).append(
                 {
                     "sequence_name": seq,

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from mvcustom.configs.sample_data import WebVidSampleConfig
-from mvcustom.data.generator.co3d_writer import sample_pixels
 from mvcustom.data.generator.scene import Scene, render
 from mvcustom.data.generator.scene import uniform as _u
+from mvcustom.data.generator.sidecar import save_npz, surface_samples
 from mvcustom.data.generator.subjects import CATEGORIES, make_room, make_subject
 from mvcustom.geometry.camera import Cameras, intrinsics_matrix, look_at
 
@@ -148,24 +148,18 @@ def write_webvid(out: str, cfg: WebVidSampleConfig, seed: int, gt_out: str) -> d
                 "name": caption,
             }
         )
-        uv, pts = [], []
-        for i in range(len(cams)):
-            pix = sample_pixels(gen, rend.foreground[i], rend.depth[i] > 0, 64)
-            uv.append(torch.stack([(pix % cfg.width).double() + 0.5, (pix // cfg.width).double() + 0.5], -1))
-            pts.append(rend.points[i].reshape(-1, 3)[pix])
-        buf = io.BytesIO()
-        np.savez_compressed(
-            buf,
+        uv, pts = surface_samples(gen, rend, 64)
+        save_npz(
+            gfs,
+            f"{groot}/webvid/{videoid}.npz",
             w2c=cams.w2c.numpy(),
             K=cams.K.numpy(),
             image_hw=cams.image_hw.numpy(),
             timestamps=np.arange(len(cams)) / cfg.fps,
-            points_world=torch.stack(pts).numpy(),
-            points_uv=torch.stack(uv).numpy(),
+            points_world=pts.numpy(),
+            points_uv=uv.numpy(),
             motion=np.array(motion),
         )
-        with gfs.open(f"{groot}/webvid/{videoid}.npz", "wb") as f:
-            f.write(buf.getvalue())
         index.append(
             {"videoid": videoid, "path": rel, "motion": motion, "category": category, "num_frames": len(cams)}
         )
