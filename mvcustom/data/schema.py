@@ -1,0 +1,166 @@
+"""The shard schema (DESIGN.md §3): one WebDataset sample = one clip of N frames.
+
+Members of a sample with key ``K`` (WebDataset splits a member name at the first dot of its
+base name, so the part after ``K.`` is the sample-dict field; decoders pick the codec from the
+*last* extension):
+
+==========================  ==========================================================================
+``K.json``                  metadata: source, sequence id, category, caption, frame indices, fps,
+                            original and stored size, depth source and units, pose source and quality
+``K.txt``                   caption (UTF-8)
+``K.frame_000.jpg`` ...     the N frames, one JPEG member per frame (``frame_{i:03d}``), in clip order
+``K.intrinsics.npy``        float32 (N, 3, 3), pixels of the stored frame (corner-origin)
+``K.extrinsics.npy``        float32 (N, 4, 4), world-to-camera, OpenCV axes
+``K.depth.npy``             float16 (N, H, W) z-depth in ``json["depth_units"]``; 0 = unknown (optional)
+``K.mask.npy``              uint8 (N, H, W) foreground probability x 255 (optional; CO3D)
+==========================  ==========================================================================
+
+One member per frame (rather than one container) keeps every frame a plain JPEG that any
+WebDataset or Ray Data reader decodes without our code. Keys are ``{source}-{sequence}-{clip:04d}``
+with characters limited to ``[A-Za-z0-9_-]``: no dots (they would split the member name).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+SCHEMA_VERSION = 1
+SOURCES = ("webvid", "co3d")
+_KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")
+_FRAME_RE = re.compile(r"^frame_(\d{3,})\.jpg$")
+
+
+def make_key(source: str, sequence: str, clip: int) -> str:
+    """``{source}-{sequence}-{clip:04d}``; characters outside ``[A-Za-z0-9_-]`` become ``_``."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
+    if clip < 0:
+        raise ValueError(f"clip index must be >= 0, got {clip}")
+    seq = re.sub(r"[^A-Za-z0-9_-]", "_", str(sequence))
+    if not seq:
+        raise ValueError("sequence id must not be empty")
+    return f"{source}-{seq}-{clip:04d}"
+
+
+def frame_field(i: int) -> str:
+    return f"frame_{i:03d}.jpg"
+
+
+@dataclass
+class ClipSample:
+    """One clip in the schema's types, before encoding / after decoding.
+
+    Attributes:
+        key: sample key (see :func:`make_key`).
+        meta: the ``json`` member (must include ``source``).
+        caption: the ``txt`` member.
+        frames: ``(N, H, W, 3)`` uint8 RGB.
+        intrinsics: ``(N, 3, 3)`` float32. extrinsics: ``(N, 4, 4)`` float32 world-to-camera.
+        depth: optional ``(N, H, W)`` float16. mask: optional ``(N, H, W)`` uint8.
+    """
+
+    key: str
+    meta: dict
+    caption: str
+    frames: np.ndarray
+    intrinsics: np.ndarray
+    extrinsics: np.ndarray
+    depth: np.ndarray | None = None
+    mask: np.ndarray | None = None
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the sample and the member that breaks the schema."""
+
+        def bad(member: str, msg: str):
+            raise ValueError(f"sample {self.key!r}: member '{member}' {msg}")
+
+        if not _KEY_OK.match(self.key or ""):
+            bad("__key__", "may only use [A-Za-z0-9_-] (no dots, slashes or spaces)")
+        if self.meta.get("source") not in SOURCES:
+            bad("json", f"needs 'source' in {SOURCES}, got {self.meta.get('source')!r}")
+        f = np.asarray(self.frames)
+        if f.ndim != 4 or f.shape[-1] != 3 or f.dtype != np.uint8:
+            bad("frames", f"must be uint8 (N, H, W, 3), got {f.dtype} {f.shape}")
+        n, h, w = f.shape[:3]
+        if n < 1:
+            bad("frames", "must hold at least one frame")
+        for name, arr, shape, dtype in (
+            ("intrinsics.npy", self.intrinsics, (n, 3, 3), np.float32),
+            ("extrinsics.npy", self.extrinsics, (n, 4, 4), np.float32),
+            ("depth.npy", self.depth, (n, h, w), np.float16),
+            ("mask.npy", self.mask, (n, h, w), np.uint8),
+        ):
+            if arr is None:
+                if name in ("intrinsics.npy", "extrinsics.npy"):
+                    bad(name, "is required")
+                continue
+            if arr.shape != shape or arr.dtype != dtype:
+                bad(name, f"must be {np.dtype(dtype).name} {shape}, got {arr.dtype} {arr.shape}")
+        if not np.isfinite(self.intrinsics).all() or not np.isfinite(self.extrinsics).all():
+            bad("intrinsics.npy/extrinsics.npy", "contain non-finite values")
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def encode_sample(sample: ClipSample, jpeg_quality: int = 95) -> dict[str, bytes | str]:
+    """The WebDataset sample dict (``__key__`` plus one bytes value per member field)."""
+    sample.validate()
+    out: dict[str, bytes | str] = {"__key__": sample.key}
+    meta = dict(sample.meta, schema_version=SCHEMA_VERSION, num_frames=int(sample.frames.shape[0]))
+    out["json"] = json.dumps(meta, ensure_ascii=False).encode("utf8")
+    out["txt"] = sample.caption.encode("utf8")
+    for i, frame in enumerate(sample.frames):
+        buf = io.BytesIO()
+        Image.fromarray(frame).save(buf, format="JPEG", quality=jpeg_quality)
+        out[frame_field(i)] = buf.getvalue()
+    out["intrinsics.npy"] = _npy(sample.intrinsics)
+    out["extrinsics.npy"] = _npy(sample.extrinsics)
+    if sample.depth is not None:
+        out["depth.npy"] = _npy(sample.depth)
+    if sample.mask is not None:
+        out["mask.npy"] = _npy(sample.mask)
+    return out
+
+
+def decode_sample(raw: dict) -> ClipSample:
+    """Inverse of :func:`encode_sample` from a raw WebDataset sample (member field -> bytes)."""
+    key = raw.get("__key__", "<no key>")
+    try:
+        meta = json.loads(raw["json"])
+        caption = raw["txt"].decode("utf8") if isinstance(raw["txt"], bytes) else raw["txt"]
+        frame_keys = sorted(
+            (k for k in raw if _FRAME_RE.match(k)), key=lambda k: int(_FRAME_RE.match(k).group(1))
+        )
+        frames = np.stack([np.array(Image.open(io.BytesIO(raw[k])).convert("RGB")) for k in frame_keys])
+        sample = ClipSample(
+            key=key,
+            meta=meta,
+            caption=caption,
+            frames=frames,
+            intrinsics=_load_npy(raw["intrinsics.npy"]),
+            extrinsics=_load_npy(raw["extrinsics.npy"]),
+            depth=_load_npy(raw["depth.npy"]) if "depth.npy" in raw else None,
+            mask=_load_npy(raw["mask.npy"]) if "mask.npy" in raw else None,
+        )
+    except KeyError as e:
+        raise ValueError(f"sample {key!r}: member {e.args[0]!r} is missing") from None
+    if meta.get("num_frames") not in (None, len(frame_keys)):
+        raise ValueError(
+            f"sample {key!r}: json says {meta['num_frames']} frames but {len(frame_keys)} frame members exist"
+        )
+    sample.validate()
+    return sample
