@@ -1,0 +1,149 @@
+"""Per-record CO3Dv2 work, testable without Ray: which frames form a clip, and building the clip.
+
+The Ray Data wiring (reading, actor pools for depth, writing shards, resume) is issue 3's
+``pipelines/preprocess`` builder; these functions are what it maps over.
+
+Scene normalisation (documented contract of the CO3D shards): CO3D's world frames are arbitrary
+COLMAP frames with arbitrary scale. A clip is re-expressed so that
+
+* the world frame is the camera frame of the clip's first view (its extrinsics are identity), and
+* the scale makes the mean distance from the camera centres to the clip's *look-at point* equal
+  to 1, the look-at point being the least-squares intersection of the views' optical axes (for an
+  object-centric capture: the subject). Depth is multiplied by the same factor, so depth and
+  poses stay consistent; ``json["scene_scale"]`` records the factor applied.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mvcustom.data import co3d
+from mvcustom.data.schema import ClipSample, make_key
+from mvcustom.geometry import Cameras, cameras_from_co3d_viewpoints
+
+
+def sample_clip_indices(
+    num_available: int, num_frames: int, strategy: str, clip_index: int = 0, seed: int = 0
+) -> list[int]:
+    """Positions (into a sequence's frames, sorted by frame number) of one clip's views.
+
+    * ``spread``: evenly around the whole capture (a different phase per ``clip_index``);
+    * ``contiguous``: consecutive frames, windows tiled along the sequence;
+    * ``random``: a sorted random subset, seeded by ``(seed, clip_index)``.
+    """
+    if num_available < num_frames:
+        raise ValueError(f"sequence has {num_available} frames, fewer than the {num_frames} a clip needs")
+    if strategy == "spread":
+        step = num_available / num_frames
+        phase = (clip_index * 0.618034 % 1.0) * step
+        return sorted({int(phase + i * step) % num_available for i in range(num_frames)})
+    if strategy == "contiguous":
+        windows = max(num_available - num_frames + 1, 1)
+        start = (clip_index * num_frames) % windows
+        return list(range(start, start + num_frames))
+    if strategy == "random":
+        rng = np.random.default_rng([seed, clip_index])
+        return sorted(rng.choice(num_available, size=num_frames, replace=False).tolist())
+    raise ValueError(f"unknown clip sampling strategy {strategy!r}; expected spread, random or contiguous")
+
+
+def look_at_point(cams: Cameras) -> torch.Tensor:
+    """Least-squares intersection of the cameras' optical axes (world coordinates)."""
+    C = cams.centers.to(torch.float64)
+    d = cams.R[:, 2, :].to(torch.float64)  # optical axis (camera +z) in world coordinates
+    P = torch.eye(3, dtype=torch.float64) - d.unsqueeze(-1) * d.unsqueeze(-2)
+    A = P.sum(0)
+    b = (P @ C.unsqueeze(-1)).sum(0).squeeze(-1)
+    if torch.linalg.cond(A) > 1e6:
+        raise ValueError(
+            "camera optical axes are (nearly) parallel; no look-at point to normalise the scene by"
+        )
+    return torch.linalg.solve(A, b)
+
+
+def normalize_scene(cams: Cameras) -> tuple[Cameras, float]:
+    """Re-express ``cams`` in the first camera's frame, scaled as the module docstring says.
+
+    Returns the normalised cameras and the scale factor (multiply depths by it).
+    """
+    p = look_at_point(cams)
+    scale = 1.0 / float((cams.centers.to(torch.float64) - p).norm(dim=-1).mean())
+    rel = cams.to(dtype=torch.float64).relative_to(0)
+    w2c = rel.w2c.clone()
+    w2c[:, :3, 3] *= scale
+    return Cameras(w2c, rel.K, rel.image_hw), scale
+
+
+def _resize(arr: np.ndarray, box: tuple[int, int, int, int], hw: tuple[int, int], resample) -> np.ndarray:
+    x0, y0, cw, ch = box
+    im = Image.fromarray(arr[y0 : y0 + ch, x0 : x0 + cw])
+    return np.asarray(im.resize((hw[1], hw[0]), resample))
+
+
+def build_clip(
+    root: str,
+    category: str,
+    frames: list[co3d.FrameAnnotation],
+    height: int,
+    width: int,
+    caption: str,
+    clip_index: int,
+    quality_score: float | None = None,
+) -> ClipSample:
+    """Load, crop/resize and normalise one clip of CO3D frames into the shard schema.
+
+    Images are centre-cropped to the target aspect and resized (bicubic); masks bilinearly; depth
+    and its validity mask with nearest-neighbour so unknown (0) depth never blends into valid
+    depth. Intrinsics follow the same crop and resize exactly.
+    """
+    if any(f.viewpoint is None for f in frames):
+        missing = next(f.frame_number for f in frames if f.viewpoint is None)
+        raise ValueError(f"{category}/{frames[0].sequence_name}: frame {missing} has no viewpoint annotation")
+    sizes = torch.tensor([f.image.size for f in frames])
+    cams = cameras_from_co3d_viewpoints([vars(f.viewpoint) for f in frames], sizes)
+    imgs, masks, depths = [], [], []
+    new_cams = []
+    for i, fa in enumerate(frames):
+        cam = cams[i]
+        box = cam.center_crop_box(height, width)
+        imgs.append(_resize(co3d.load_image(root, fa.image), box, (height, width), Image.BICUBIC))
+        if fa.mask is not None:
+            m = (co3d.load_mask(root, fa.mask) * 255).round().astype(np.uint8)
+            masks.append(_resize(m, box, (height, width), Image.BILINEAR))
+        if fa.depth is not None:
+            d = co3d.load_depth(root, fa.depth)
+            valid = co3d.load_depth_mask(root, fa.depth)
+            if valid is not None:
+                d = d * valid
+            depths.append(_resize(d.astype(np.float32), box, (height, width), Image.NEAREST))
+        new_cams.append(cam.crop_resize(height, width))
+    cams = Cameras.cat(new_cams)
+    cams, scale = normalize_scene(cams)
+    depth = np.stack(depths) * scale if len(depths) == len(frames) else None
+    meta = {
+        "source": "co3d",
+        "sequence": frames[0].sequence_name,
+        "category": category,
+        "caption": caption,
+        "frame_indices": [f.frame_number for f in frames],
+        "fps": None,
+        "original_size_hw": [list(map(int, s)) for s in sizes.tolist()],
+        "stored_size_hw": [height, width],
+        "depth_source": "co3d" if depth is not None else None,
+        "depth_units": "normalized_scene" if depth is not None else None,
+        "pose_source": "co3d",
+        "pose_quality": quality_score,
+        "scene_scale": scale,
+    }
+    return ClipSample(
+        key=make_key("co3d", frames[0].sequence_name, clip_index),
+        meta=meta,
+        caption=caption,
+        frames=np.stack(imgs),
+        intrinsics=cams.K.to(torch.float32).numpy(),
+        extrinsics=cams.w2c.to(torch.float32).numpy(),
+        depth=depth.astype(np.float16) if depth is not None else None,
+        mask=np.stack(masks) if len(masks) == len(frames) else None,
+    )
