@@ -15,13 +15,114 @@ COLMAP frames with arbitrary scale. A clip is re-expressed so that
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+
+import fsspec
 import numpy as np
 import torch
 from PIL import Image
 
+from mvcustom.configs.preprocess import Co3dInputConfig
 from mvcustom.data import co3d
 from mvcustom.data.schema import ClipSample, make_key
 from mvcustom.geometry import Cameras, cameras_from_co3d_viewpoints
+
+
+@dataclass
+class Co3dItem:
+    """One clip to build: which frames of which sequence, and its caption."""
+
+    id: str  # "{category}/{sequence}/{clip:04d}": the id in manifest and error records
+    category: str
+    sequence: str
+    clip_index: int
+    frames: list[co3d.FrameAnnotation]
+    caption: str
+    quality: float | None
+
+
+def _error(id_: str, stage: str, reason: str) -> dict:
+    return {"id": id_, "stage": stage, "reason": reason}
+
+
+def list_categories(root: str) -> list[str]:
+    """Category folders under a CO3D root (those holding ``frame_annotations.jgz``)."""
+    fs, base = fsspec.core.url_to_fs(root)
+    if not fs.exists(base):
+        raise FileNotFoundError(f"CO3D root {root!r} does not exist (config key 'input')")
+    cats = []
+    for p in fs.ls(base, detail=False):
+        name = p.rstrip("/").rsplit("/", 1)[-1]
+        if fs.exists(f"{p}/frame_annotations.jgz"):
+            cats.append(name)
+    return sorted(cats)
+
+
+def list_co3d_items(
+    root: str, cfg: Co3dInputConfig, num_frames: int, seed: int = 0
+) -> tuple[list[Co3dItem], list[dict]]:
+    """Every clip the config selects, in a deterministic order, plus one error row per rejected
+    input (a category whose annotations cannot be read, a sequence too short, ...)."""
+    items: list[Co3dItem] = []
+    errors: list[dict] = []
+    captions = {}
+    if cfg.captions_file:
+        try:
+            with fsspec.open(cfg.captions_file, "r", encoding="utf8") as f:
+                captions = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(
+                f"co3d.captions_file {cfg.captions_file!r}: cannot read a JSON object ({e})"
+            ) from None
+        if not isinstance(captions, dict):
+            raise ValueError(
+                f"co3d.captions_file {cfg.captions_file!r}: expected a JSON object {{sequence_name: caption}}"
+            )
+    for category in cfg.categories or list_categories(root):
+        try:
+            cat = co3d.load_category(root, category)
+            keep = None
+            if cfg.subset_name:
+                sl = co3d.load_set_list(root, category, cfg.subset_name)
+                keep = {(e[0], e[1]) for split in cfg.splits for e in sl.get(split, [])}
+        except (OSError, ValueError) as e:
+            errors.append(_error(category, "annotations", str(e)))
+            continue
+        for seq in sorted(cat.frames_by_sequence):
+            frames = cat.frames_by_sequence[seq]
+            if keep is not None:
+                frames = [f for f in frames if (seq, f.frame_number) in keep]
+                if not frames:
+                    continue
+            sid = f"{category}/{seq}"
+            meta = cat.sequences.get(seq)
+            q = meta.viewpoint_quality_score if meta else None
+            if cfg.min_viewpoint_quality > 0 and (q is None or q < cfg.min_viewpoint_quality):
+                errors.append(
+                    _error(
+                        sid,
+                        "select",
+                        f"viewpoint_quality_score {q} below co3d.min_viewpoint_quality {cfg.min_viewpoint_quality}",
+                    )
+                )
+                continue
+            if len(frames) < num_frames:
+                errors.append(
+                    _error(
+                        sid,
+                        "select",
+                        f"sequence has {len(frames)} frames, fewer than clip.num_frames={num_frames}",
+                    )
+                )
+                continue
+            caption = captions.get(seq) or cfg.caption_template.format(category=category)
+            for c in range(cfg.clips_per_sequence):
+                idx = sample_clip_indices(len(frames), num_frames, cfg.clip_sampling, c, seed)
+                items.append(
+                    Co3dItem(f"{sid}/{c:04d}", category, seq, c, [frames[i] for i in idx], caption, q)
+                )
+    return items, errors
 
 
 def sample_clip_indices(
@@ -91,6 +192,7 @@ def build_clip(
     caption: str,
     clip_index: int,
     quality_score: float | None = None,
+    with_depth: bool = True,
 ) -> ClipSample:
     """Load, crop/resize and normalise one clip of CO3D frames into the shard schema.
 
@@ -112,7 +214,7 @@ def build_clip(
         if fa.mask is not None:
             m = (co3d.load_mask(root, fa.mask) * 255).round().astype(np.uint8)
             masks.append(_resize(m, box, (height, width), Image.BILINEAR))
-        if fa.depth is not None:
+        if with_depth and fa.depth is not None:
             d = co3d.load_depth(root, fa.depth)
             valid = co3d.load_depth_mask(root, fa.depth)
             if valid is not None:
@@ -132,7 +234,7 @@ def build_clip(
         "original_size_hw": [list(map(int, s)) for s in sizes.tolist()],
         "stored_size_hw": [height, width],
         "depth_source": "co3d" if depth is not None else None,
-        "depth_units": "normalized_scene" if depth is not None else None,
+        "depth_units": "scene (normalised with the poses)" if depth is not None else None,
         "pose_source": "co3d",
         "pose_quality": quality_score,
         "scene_scale": scale,

@@ -34,3 +34,22 @@ def sample_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sample_data")
     generate_sample_data(str(out), SampleDataConfig.debug())
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded local Ray for the session (2 CPUs, like every machine here)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_zoedepth(tmp_path_factory) -> str:
+    """A tiny random ZoeDepth saved as a from_pretrained folder."""
+    from mvcustom.models.zoedepth import save_tiny_zoedepth
+
+    return save_tiny_zoedepth(str(tmp_path_factory.mktemp("tiny-zoedepth")))

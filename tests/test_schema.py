@@ -21,6 +21,7 @@ def _sample(n=3, h=16, w=24, key="co3d-110_13051_23361-0000"):
             "source": "co3d",
             "sequence": "110_13051_23361",
             "category": "apple",
+            "pose_source": "co3d",
             "caption": "a photo of an apple — naïve",
         },
         caption="a photo of an apple — naïve",
@@ -66,7 +67,8 @@ def test_keys():
         ({"key": "co3d.x-0000"}, "__key__"),
         ({"intrinsics": np.zeros((2, 3, 3), np.float32)}, "intrinsics.npy"),
         ({"depth": np.zeros((3, 16, 24), np.float32)}, "depth.npy"),
-        ({"meta": {"source": "vimeo"}}, "json"),
+        ({"meta": {"source": "vimeo", "pose_source": None}}, "json"),
+        ({"meta": {"source": "co3d"}}, "json"),
     ],
 )
 def test_schema_violations_are_named(change, member):
@@ -82,3 +84,13 @@ def test_missing_member_is_named():
     del raw["extrinsics.npy"]
     with pytest.raises(ValueError, match="member 'extrinsics.npy' is missing"):
         decode_sample(raw)
+
+
+def test_clip_without_poses_is_allowed_only_when_flagged():
+    s = _sample()
+    s.intrinsics = s.extrinsics = None
+    with pytest.raises(ValueError, match="member 'intrinsics.npy' is required unless"):
+        encode_sample(s)
+    s.meta["pose_source"] = None
+    back = decode_sample(encode_sample(s))
+    assert back.intrinsics is None and back.extrinsics is None

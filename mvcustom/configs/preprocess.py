@@ -80,6 +80,9 @@ class DepthModelConfig:
         num_gpus: GPUs per actor (fractions share a GPU; 0 runs on CPU).
         num_cpus: CPUs per actor (fractional on small machines so reads are not starved).
         actors: actor pool size.
+        input_size: network input size ``[height, width]`` the frames are resized towards
+            (ZoeDepth's processor uses 384x512; sides are rounded to multiples of 32).
+        flip_average: also run the mirrored frame and average (the processor's default).
     """
 
     model: str = "Intel/zoedepth-nyu-kitti"
@@ -87,10 +90,13 @@ class DepthModelConfig:
     num_gpus: float = 0.0
     num_cpus: float = 0.5
     actors: int = 1
+    input_size: tuple[int, int] = (384, 512)
+    flip_average: bool = True
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1 and self.actors >= 1, "depth.batch_size and depth.actors must be >= 1")
         check(self.num_gpus >= 0 and self.num_cpus > 0, "depth.num_gpus must be >= 0 and depth.num_cpus > 0")
+        check(min(self.input_size) >= 32, "depth.input_size sides must be >= 32")
 
 
 @dataclass
@@ -164,7 +170,7 @@ class PreprocessConfig:
         return cls(
             samples_per_shard=4,
             clip=ClipConfig(num_frames=8, height=64, width=64),
-            depth=DepthModelConfig(batch_size=4),
+            depth=DepthModelConfig(batch_size=4, input_size=(64, 64), flip_average=False),
             sfm=SfmConfig(overlap=3),
             ray=RayConfig(num_cpus=2),
         )

@@ -10,9 +10,12 @@ base name, so the part after ``K.`` is the sample-dict field; decoders pick the 
 ``K.txt``                   caption (UTF-8)
 ``K.frame_000.jpg`` ...     the N frames, one JPEG member per frame (``frame_{i:03d}``), in clip order
 ``K.intrinsics.npy``        float32 (N, 3, 3), pixels of the stored frame (corner-origin)
-``K.extrinsics.npy``        float32 (N, 4, 4), world-to-camera, OpenCV axes
+``K.extrinsics.npy``        float32 (N, 4, 4), world-to-camera, OpenCV axes (both absent only
+                            when ``json["pose_source"]`` is null: a clip kept after failed SfM)
 ``K.depth.npy``             float16 (N, H, W) z-depth in ``json["depth_units"]``; 0 = unknown (optional)
 ``K.mask.npy``              uint8 (N, H, W) foreground probability x 255 (optional; CO3D)
+``K.depth_est.npy``         float16 (N, H, W) estimated (ZoeDepth) depth when ``depth.npy`` holds the
+                            dataset's own (CO3D ``depth: both``); units in ``json["depth_est_units"]``
 ==========================  ==========================================================================
 
 One member per frame (rather than one container) keeps every frame a plain JPEG that any
@@ -33,7 +36,7 @@ from PIL import Image
 SCHEMA_VERSION = 1
 SOURCES = ("webvid", "co3d")
 _KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")
-_FRAME_RE = re.compile(r"^frame_(\d{3,})\.jpg$")
+FRAME_RE = re.compile(r"^frame_(\d{3,})\.jpg$")
 
 
 def make_key(source: str, sequence: str, clip: int) -> str:
@@ -61,18 +64,21 @@ class ClipSample:
         meta: the ``json`` member (must include ``source``).
         caption: the ``txt`` member.
         frames: ``(N, H, W, 3)`` uint8 RGB.
-        intrinsics: ``(N, 3, 3)`` float32. extrinsics: ``(N, 4, 4)`` float32 world-to-camera.
+        intrinsics: ``(N, 3, 3)`` float32. extrinsics: ``(N, 4, 4)`` float32 world-to-camera
+            (``None`` only when ``meta["pose_source"]`` is ``None``).
         depth: optional ``(N, H, W)`` float16. mask: optional ``(N, H, W)`` uint8.
+        depth_est: optional ``(N, H, W)`` float16, estimated depth beside the dataset's.
     """
 
     key: str
     meta: dict
     caption: str
     frames: np.ndarray
-    intrinsics: np.ndarray
-    extrinsics: np.ndarray
+    intrinsics: np.ndarray | None
+    extrinsics: np.ndarray | None
     depth: np.ndarray | None = None
     mask: np.ndarray | None = None
+    depth_est: np.ndarray | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the sample and the member that breaks the schema."""
@@ -84,6 +90,8 @@ class ClipSample:
             bad("__key__", "may only use [A-Za-z0-9_-] (no dots, slashes or spaces)")
         if self.meta.get("source") not in SOURCES:
             bad("json", f"needs 'source' in {SOURCES}, got {self.meta.get('source')!r}")
+        if "pose_source" not in self.meta:
+            bad("json", "needs 'pose_source' (null for a clip kept without poses)")
         f = np.asarray(self.frames)
         if f.ndim != 4 or f.shape[-1] != 3 or f.dtype != np.uint8:
             bad("frames", f"must be uint8 (N, H, W, 3), got {f.dtype} {f.shape}")
@@ -95,18 +103,20 @@ class ClipSample:
             ("extrinsics.npy", self.extrinsics, (n, 4, 4), np.float32),
             ("depth.npy", self.depth, (n, h, w), np.float16),
             ("mask.npy", self.mask, (n, h, w), np.uint8),
+            ("depth_est.npy", self.depth_est, (n, h, w), np.float16),
         ):
             if arr is None:
-                if name in ("intrinsics.npy", "extrinsics.npy"):
-                    bad(name, "is required")
+                if name in ("intrinsics.npy", "extrinsics.npy") and self.meta.get("pose_source") is not None:
+                    bad(name, "is required unless json 'pose_source' is null (a clip kept without poses)")
                 continue
             if arr.shape != shape or arr.dtype != dtype:
                 bad(name, f"must be {np.dtype(dtype).name} {shape}, got {arr.dtype} {arr.shape}")
-        if not np.isfinite(self.intrinsics).all() or not np.isfinite(self.extrinsics).all():
-            bad("intrinsics.npy/extrinsics.npy", "contain non-finite values")
+        for name, arr in (("intrinsics.npy", self.intrinsics), ("extrinsics.npy", self.extrinsics)):
+            if arr is not None and not np.isfinite(arr).all():
+                bad(name, "contains non-finite values")
 
 
-def _npy(arr: np.ndarray) -> bytes:
+def npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
@@ -127,12 +137,16 @@ def encode_sample(sample: ClipSample, jpeg_quality: int = 95) -> dict[str, bytes
         buf = io.BytesIO()
         Image.fromarray(frame).save(buf, format="JPEG", quality=jpeg_quality)
         out[frame_field(i)] = buf.getvalue()
-    out["intrinsics.npy"] = _npy(sample.intrinsics)
-    out["extrinsics.npy"] = _npy(sample.extrinsics)
+    if sample.intrinsics is not None:
+        out["intrinsics.npy"] = npy_bytes(sample.intrinsics)
+    if sample.extrinsics is not None:
+        out["extrinsics.npy"] = npy_bytes(sample.extrinsics)
     if sample.depth is not None:
-        out["depth.npy"] = _npy(sample.depth)
+        out["depth.npy"] = npy_bytes(sample.depth)
     if sample.mask is not None:
-        out["mask.npy"] = _npy(sample.mask)
+        out["mask.npy"] = npy_bytes(sample.mask)
+    if sample.depth_est is not None:
+        out["depth_est.npy"] = npy_bytes(sample.depth_est)
     return out
 
 
@@ -143,7 +157,7 @@ def decode_sample(raw: dict) -> ClipSample:
         meta = json.loads(raw["json"])
         caption = raw["txt"].decode("utf8") if isinstance(raw["txt"], bytes) else raw["txt"]
         frame_keys = sorted(
-            (k for k in raw if _FRAME_RE.match(k)), key=lambda k: int(_FRAME_RE.match(k).group(1))
+            (k for k in raw if FRAME_RE.match(k)), key=lambda k: int(FRAME_RE.match(k).group(1))
         )
         frames = np.stack([np.array(Image.open(io.BytesIO(raw[k])).convert("RGB")) for k in frame_keys])
         sample = ClipSample(
@@ -151,10 +165,15 @@ def decode_sample(raw: dict) -> ClipSample:
             meta=meta,
             caption=caption,
             frames=frames,
-            intrinsics=_load_npy(raw["intrinsics.npy"]),
-            extrinsics=_load_npy(raw["extrinsics.npy"]),
+            intrinsics=_load_npy(raw["intrinsics.npy"])
+            if "intrinsics.npy" in raw or meta.get("pose_source") is not None
+            else None,
+            extrinsics=_load_npy(raw["extrinsics.npy"])
+            if "extrinsics.npy" in raw or meta.get("pose_source") is not None
+            else None,
             depth=_load_npy(raw["depth.npy"]) if "depth.npy" in raw else None,
             mask=_load_npy(raw["mask.npy"]) if "mask.npy" in raw else None,
+            depth_est=_load_npy(raw["depth_est.npy"]) if "depth_est.npy" in raw else None,
         )
     except KeyError as e:
         raise ValueError(f"sample {key!r}: member {e.args[0]!r} is missing") from None

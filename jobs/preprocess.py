@@ -1,0 +1,40 @@
+"""Preprocess CO3Dv2 or WebVid into WebDataset shards (Ray Data).
+
+python -m jobs.preprocess --config jobs/configs/preprocess_co3d_debug.yaml [--set key=value ...]
+ray job submit --working-dir . -- python -m jobs.preprocess --config ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+
+import fsspec
+
+from mvcustom.configs import PreprocessConfig, dump_config, load_config
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="YAML config (jobs/configs/preprocess_*.yaml)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    cfg = load_config(PreprocessConfig, args.config, args.overrides)
+    print(dump_config(cfg), flush=True)
+
+    from pipelines.preprocess import run_preprocess
+    from pipelines.tracking import log_job
+
+    summary = run_preprocess(cfg)
+    fs, root = fsspec.core.url_to_fs(cfg.output)
+    with tempfile.TemporaryDirectory() as d:  # MLflow artifacts must be local files
+        for name in ("manifest.parquet", "errors.parquet"):
+            fs.get(f"{root}/{name}", f"{d}/{name}")
+        summary["mlflow_run_id"] = log_job(cfg, cfg.mlflow, summary, {"tables": d})
+    print(json.dumps(summary, indent=1, ensure_ascii=False))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

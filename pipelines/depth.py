@@ -1,0 +1,60 @@
+"""The ZoeDepth stage of the preprocessing pipeline (a Ray Data actor-pool UDF).
+
+Each actor loads the model once (:class:`mvcustom.models.zoedepth.DepthEstimator`), on a GPU when
+the actor was given one (``depth.num_gpus``, fractional to share a GPU), and estimates depth for
+every frame of the shard rows it receives, in batches of ``depth.batch_size`` frames.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+
+import numpy as np
+from PIL import Image
+
+from mvcustom.configs.preprocess import DepthModelConfig
+from mvcustom.data.schema import FRAME_RE, npy_bytes
+
+DEPTH_UNITS = "metres (ZoeDepth metric estimate; scale not aligned to the poses)"
+
+
+def add_depth(sample: dict, estimator, mode: str) -> dict:
+    """Estimate depth for one encoded sample; ``mode`` ``replace`` writes ``depth.npy``,
+    ``both`` writes ``depth_est.npy`` beside the dataset's ``depth.npy``."""
+    frame_keys = sorted(
+        (k for k in sample if FRAME_RE.match(k)), key=lambda k: int(FRAME_RE.match(k).group(1))
+    )
+    frames = np.stack([np.array(Image.open(io.BytesIO(sample[k])).convert("RGB")) for k in frame_keys])
+    depth = estimator(frames).astype(np.float16)
+    meta = json.loads(sample["json"])
+    if mode == "both":
+        sample["depth_est.npy"] = npy_bytes(depth)
+        meta["depth_est_source"], meta["depth_est_units"] = "zoedepth", DEPTH_UNITS
+    else:
+        sample["depth.npy"] = npy_bytes(depth)
+        meta["depth_source"], meta["depth_units"] = "zoedepth", DEPTH_UNITS
+    sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf8")
+    return sample
+
+
+class DepthStage:
+    """``map_batches`` callable class: one shard row per batch (``batch_size=1``)."""
+
+    def __init__(self, cfg: DepthModelConfig, mode: str = "replace"):
+        import torch
+
+        from mvcustom.models.zoedepth import DepthEstimator
+
+        device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.estimator = DepthEstimator(cfg.model, device, cfg.input_size, cfg.flip_average, cfg.batch_size)
+        self.mode = mode
+
+    def __call__(self, batch: dict) -> dict:
+        out = []
+        for payload in batch["samples"]:
+            samples = [add_depth(s, self.estimator, self.mode) for s in pickle.loads(payload)]
+            out.append(pickle.dumps(samples))
+        batch["samples"] = np.array(out, dtype=object)
+        return batch

@@ -1,0 +1,193 @@
+"""The preprocessing job's Ray Data builder: raw CO3Dv2 / WebVid -> WebDataset shards.
+
+Plan (one Ray Data pipeline, streaming, shards as the unit of work)::
+
+    shard specs (driver: deterministic listing, completed shards skipped)
+      -> map  build_shard   CPU task per shard: load/decode, crop/resize, poses (CO3D annotations
+                            or pycolmap SfM), encode samples; bad records become error rows
+      -> map_batches DepthStage   actor pool (model loaded once per actor, GPU if configured):
+                            ZoeDepth for every frame of the shard (only when depth is estimated)
+      -> map  write_shard   atomic tar + marker (pipelines.shards)
+    driver: collect markers -> manifest.parquet, errors.parquet; summary -> stdout + MLflow
+
+Resources: build tasks take 1 CPU, depth actors ``depth.num_cpus`` (fractional by default) and
+``depth.num_gpus``, writers 0.25 CPU, so an actor pool can never hold every CPU and starve the
+tasks feeding it (the 2-CPU deadlock noted in STACK.md). ``ray.max_errored_blocks`` bounds how
+many shard failures (unexpected exceptions, dead workers) the job tolerates before aborting;
+record-level failures never fail a shard.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+from dataclasses import dataclass, field
+
+from mvcustom.configs.preprocess import PreprocessConfig
+from mvcustom.data.schema import ClipSample, encode_sample
+from pipelines import shards as shardlib
+
+
+@dataclass
+class Listing:
+    items: list  # Co3dItem | WebVidItem, deterministic order
+    errors: list[dict] = field(default_factory=list)
+
+
+def list_items(cfg: PreprocessConfig) -> Listing:
+    if cfg.source == "co3d":
+        from pipelines.co3d_records import list_co3d_items
+
+        items, errors = list_co3d_items(cfg.input, cfg.co3d, cfg.clip.num_frames)
+    else:
+        from pipelines.webvid_records import list_webvid_items
+
+        items, errors = list_webvid_items(cfg.input, cfg.webvid)
+    return Listing(items, errors)
+
+
+def needs_depth_model(cfg: PreprocessConfig) -> bool:
+    if not cfg.estimate_depth:
+        return False
+    return cfg.source == "webvid" or cfg.co3d.depth in ("zoedepth", "both")
+
+
+def process_item(item, cfg: PreprocessConfig) -> ClipSample:
+    """One input record -> one clip sample (raises with a reason on bad input)."""
+    if cfg.source == "co3d":
+        from pipelines.co3d_records import build_clip
+
+        return build_clip(
+            cfg.input,
+            item.category,
+            item.frames,
+            cfg.clip.height,
+            cfg.clip.width,
+            item.caption,
+            item.clip_index,
+            item.quality,
+            with_depth=cfg.co3d.depth in ("dataset", "both"),
+        )
+    from pipelines.webvid_records import build_webvid_clip
+
+    return build_webvid_clip(item, cfg)
+
+
+def _stage_of(exc: BaseException) -> str:
+    return getattr(exc, "stage", "load")
+
+
+def build_shard(row: dict, cfg: PreprocessConfig) -> dict:
+    """Ray Data ``map`` UDF: build every sample of one shard; failures become error rows."""
+    t0 = time.perf_counter()
+    items = pickle.loads(row["items"])
+    samples, manifest, errors = [], [], []
+    for item in items:
+        try:
+            clip = process_item(item, cfg)
+            samples.append(encode_sample(clip, cfg.jpeg_quality))
+            manifest.append(
+                {
+                    "key": clip.key,
+                    "shard": f"{shardlib.shard_name(cfg.split, row['shard'])}.tar",
+                    "source": cfg.source,
+                    "source_id": item.id,
+                    "num_frames": int(clip.frames.shape[0]),
+                }
+            )
+        except Exception as e:  # a bad record must never take its shard down
+            reason = str(e) if hasattr(e, "stage") else f"{type(e).__name__}: {e}"
+            errors.append({"id": item.id, "stage": _stage_of(e), "reason": reason})
+    return {
+        "shard": row["shard"],
+        "samples": pickle.dumps(samples),
+        "manifest": json.dumps(manifest),
+        "errors": json.dumps(errors),
+        "build_s": time.perf_counter() - t0,
+    }
+
+
+def write_shard(row: dict, cfg: PreprocessConfig) -> dict:
+    """Ray Data ``map`` UDF: commit the shard (tar, then marker); returns a small status row."""
+    samples = pickle.loads(row["samples"])
+    manifest, errors = json.loads(row["manifest"]), json.loads(row["errors"])
+    shardlib.commit_shard(cfg.output, cfg.split, int(row["shard"]), samples, manifest, errors)
+    return {
+        "shard": int(row["shard"]),
+        "samples": len(samples),
+        "errors": len(errors),
+        "build_s": float(row["build_s"]),
+    }
+
+
+def _init_ray(cfg: PreprocessConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True
+        )
+
+
+def run_preprocess(cfg: PreprocessConfig) -> dict:
+    """Run the job; returns the summary (also printed by the entry point and logged to MLflow)."""
+    import ray
+
+    if not cfg.input or not cfg.output:
+        raise ValueError("config keys 'input' and 'output' are required (set them in the YAML or with --set)")
+    t0 = time.time()
+    shardlib.preflight_output(cfg.output)
+    listing = list_items(cfg)
+    specs = shardlib.assign_shards(len(listing.items), cfg.samples_per_shard)
+    done = shardlib.completed_shards(cfg.output, cfg.split)
+    todo = [i for i in range(len(specs)) if i not in done]
+    shardlib.clean_temporaries(cfg.output)
+    results: list[dict] = []
+    if todo:
+        _init_ray(cfg)
+        ctx = ray.data.DataContext.get_current()
+        ctx.max_errored_blocks = cfg.ray.max_errored_blocks
+        rows = [{"shard": i, "items": pickle.dumps([listing.items[j] for j in specs[i]])} for i in todo]
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        ds = ds.map(build_shard, fn_kwargs={"cfg": cfg}, num_cpus=1)
+        if needs_depth_model(cfg):
+            from pipelines.depth import DepthStage
+
+            ds = ds.map_batches(
+                DepthStage,
+                fn_constructor_kwargs={
+                    "cfg": cfg.depth,
+                    "mode": "both" if cfg.source == "co3d" and cfg.co3d.depth == "both" else "replace",
+                },
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=cfg.depth.actors),
+                num_cpus=cfg.depth.num_cpus,
+                num_gpus=cfg.depth.num_gpus,
+            )
+        ds = ds.map(write_shard, fn_kwargs={"cfg": cfg}, num_cpus=0.25)
+        results = list(ds.iter_rows())
+    manifest, errors = shardlib.collect(cfg.output, cfg.split, listing.errors)
+    missing = [i for i in todo if i not in shardlib.completed_shards(cfg.output, cfg.split)]
+    seconds = time.time() - t0
+    reasons: dict[str, dict] = {}
+    for r in errors.to_pylist():
+        entry = reasons.setdefault(r["stage"], {"count": 0, "examples": []})
+        entry["count"] += 1
+        if len(entry["examples"]) < 3:
+            entry["examples"].append(f"{r['id']}: {r['reason'][:200]}")
+    summary = {
+        "source": cfg.source,
+        "output": cfg.output,
+        "inputs": len(listing.items) + len(listing.errors),
+        "clips_written": manifest.num_rows,
+        "errors": errors.num_rows,
+        "shards_total": len(specs),
+        "shards_skipped_complete": len(specs) - len(todo),
+        "shards_written": len(results),
+        "shards_failed": missing,
+        "seconds": round(seconds, 2),
+        "clips_per_s": round(sum(r["samples"] for r in results) / seconds, 3) if results else 0.0,
+        "failure_reasons": reasons,
+    }
+    return summary

@@ -1,0 +1,47 @@
+"""MLflow logging for the Ray jobs (driver side only)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mvcustom.configs.base import flatten, to_dict
+from mvcustom.configs.common import MlflowConfig
+
+
+def tracking_uri(cfg: MlflowConfig) -> str:
+    """Config, else ``$MLFLOW_TRACKING_URI``, else a sqlite store in the working directory
+    (MLflow 3 refuses a plain ``./mlruns`` file store without an opt-in)."""
+    return (
+        cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    )
+
+
+def log_job(
+    cfg, mlflow_cfg: MlflowConfig, summary: dict, artifacts: dict[str, str] | None = None
+) -> str | None:
+    """One MLflow run: the full resolved config as params, numeric summary figures as metrics,
+    the summary as JSON and the given local files/folders as artifacts. Returns the run id."""
+    if not mlflow_cfg.enabled:
+        return None
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(mlflow_cfg))
+    mlflow.set_experiment(mlflow_cfg.experiment)
+    with mlflow.start_run(run_name=mlflow_cfg.run_name) as run:
+        params = {k: str(v)[:6000] for k, v in flatten(to_dict(cfg)).items()}
+        mlflow.log_params(params)
+        mlflow.log_metrics(
+            {
+                k: float(v)
+                for k, v in summary.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+        )
+        mlflow.log_dict(summary, "summary.json")
+        for name, path in (artifacts or {}).items():
+            if path and Path(path).is_dir():
+                mlflow.log_artifacts(path, artifact_path=name)
+            elif path and Path(path).exists():
+                mlflow.log_artifact(path, artifact_path=name)
+        return run.info.run_id

@@ -1,0 +1,231 @@
+"""Per-record WebVid work, testable without Ray: CSV listing, decoding, SfM poses, the clip.
+
+CSV reading uses pyarrow with every column read as a string (WebVid ids must not be parsed as
+numbers); the columns a config needs are ``videoid`` and ``name`` (the caption) plus whatever
+``webvid.video_path_template`` names (``page_dir`` for the downloader layout) or ``contentUrl``
+with ``webvid.use_url_column``. A row missing any of them is an error record, not a crash.
+
+Frames are decoded forward once with PyAV (no per-frame seeks: STACK.md measured seeking 3x
+slower on long-GOP files) and sampled at ``webvid.target_fps`` from the start of the clip.
+
+Scene normalisation (documented contract of the WebVid shards): the world frame is the first
+frame's camera and the scale makes the median depth of the SfM points seen by that camera equal
+to 1 (``json["scene_scale"]`` is the factor applied). ZoeDepth depth, added later by the depth
+stage, stays in metres: monocular and SfM scales are not aligned at preprocessing time.
+"""
+
+from __future__ import annotations
+
+import io
+import string
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import torch
+from PIL import Image
+
+from mvcustom.configs.preprocess import PreprocessConfig, WebVidInputConfig
+from mvcustom.data.schema import ClipSample, make_key
+from mvcustom.geometry import Cameras, center_crop_box, rotation_angle_deg
+
+
+class RecordError(Exception):
+    """A bad input record; ``stage`` says where it failed (read, decode, sfm...)."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage = stage
+
+
+@dataclass
+class WebVidItem:
+    id: str  # videoid
+    video: str  # fsspec URL of the video
+    caption: str
+    duration: str | None
+    row: str  # "<csv name>:<line>" for messages
+
+
+def _template_fields(template: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+def list_webvid_items(root: str, cfg: WebVidInputConfig) -> tuple[list[WebVidItem], list[dict]]:
+    """Every usable CSV row (deterministic order: CSV files sorted, rows in file order) and one
+    error row per rejected row or file."""
+    fs, base = fsspec.core.url_to_fs(root)
+    csvs = sorted({p for pattern in cfg.csv for p in fs.glob(f"{base}/{pattern}")})
+    if not csvs:
+        raise FileNotFoundError(
+            f"no CSV matches {cfg.csv} under {root!r} (config keys 'input' and 'webvid.csv')"
+        )
+    needed = ["videoid", "name"] + (
+        ["contentUrl"] if cfg.use_url_column else _template_fields(cfg.video_path_template)
+    )
+    items, errors, seen = [], [], set()
+    proto = root.split("://", 1)[0] + "://" if "://" in root else ""
+    for path in csvs:
+        name = path.rsplit("/", 1)[-1]
+        try:
+            with fs.open(path, "rb") as f:
+                head = pacsv.read_csv(
+                    io.BytesIO(f.read()),
+                    convert_options=pacsv.ConvertOptions(strings_can_be_null=True, column_types={}),
+                    read_options=pacsv.ReadOptions(autogenerate_column_names=False),
+                )
+        except (pa.ArrowInvalid, OSError) as e:
+            errors.append({"id": name, "stage": "csv", "reason": f"unreadable CSV: {e}"})
+            continue
+        table = head.cast(pa.schema([(c, pa.string()) for c in head.column_names]))
+        missing_cols = [c for c in needed if c not in table.column_names]
+        if missing_cols:
+            errors.append(
+                {
+                    "id": name,
+                    "stage": "csv",
+                    "reason": f"missing column(s) {missing_cols}; WebVid CSVs have videoid,contentUrl,duration,page_dir,name",
+                }
+            )
+            continue
+        for i, row in enumerate(table.to_pylist()):
+            rid = f"{name}:{i + 2}"  # line number: header is line 1
+            absent = [c for c in needed if not (row.get(c) or "").strip()]
+            if absent:
+                errors.append({"id": rid, "stage": "csv", "reason": f"missing field(s) {absent}"})
+                continue
+            vid = row["videoid"].strip()
+            if vid in seen:
+                errors.append({"id": rid, "stage": "csv", "reason": f"duplicate videoid {vid}"})
+                continue
+            seen.add(vid)
+            video = (
+                row["contentUrl"]
+                if cfg.use_url_column
+                else f"{proto}{base}/{cfg.video_path_template.format(**row)}"
+            )
+            items.append(WebVidItem(vid, video, row["name"], row.get("duration"), rid))
+            if cfg.max_rows is not None and len(items) >= cfg.max_rows:
+                return items, errors
+    return items, errors
+
+
+def decode_frames(url: str, num_frames: int, target_fps: float | None) -> tuple[np.ndarray, float, list[int]]:
+    """Decode ``num_frames`` frames sampled at ``target_fps`` from the start of the video.
+
+    Returns ``(frames (N, H, W, 3) uint8, source fps, source frame indices)``.
+    """
+    import av
+
+    try:
+        f = fsspec.open(url, "rb").open()
+    except FileNotFoundError:
+        raise RecordError("read", f"video not found: {url}") from None
+    except OSError as e:
+        raise RecordError("read", f"cannot open {url}: {e}") from None
+    frames, indices = [], []
+    try:
+        with f, av.open(f) as container:
+            if not container.streams.video:
+                raise RecordError("decode", f"{url} has no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            fps = float(rate) if rate else 0.0
+            step = 1.0 / target_fps if target_fps else None
+            for k, frame in enumerate(container.decode(video=0)):
+                t = float(frame.time) if frame.time is not None else (k / fps if fps else k)
+                if step is None or t + 1e-6 >= len(frames) * step - (0.5 / fps if fps else 0):
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                    indices.append(k)
+                    if len(frames) == num_frames:
+                        break
+    except RecordError:
+        raise
+    except Exception as e:  # PyAV raises many error types for corrupt/truncated input
+        raise RecordError("decode", f"corrupt or unsupported video {url}: {type(e).__name__}: {e}") from None
+    if len(frames) < num_frames:
+        what = f"at {target_fps} fps " if target_fps else ""
+        raise RecordError(
+            "decode",
+            f"video yields {len(frames)} frames {what}from {url}, fewer than clip.num_frames={num_frames}",
+        )
+    return np.stack(frames), fps, indices
+
+
+def crop_resize_frames(
+    frames: np.ndarray, height: int, width: int
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    H, W = frames.shape[1:3]
+    box = center_crop_box(H, W, height, width)
+    x0, y0, cw, ch = box
+    out = np.stack(
+        [
+            np.asarray(Image.fromarray(f[y0 : y0 + ch, x0 : x0 + cw]).resize((width, height), Image.BICUBIC))
+            for f in frames
+        ]
+    )
+    return out, box
+
+
+def camera_motion(cams: Cameras) -> dict:
+    """How much the camera moves: max rotation from the first view (deg) and path length
+    (scene units, i.e. median first-view depths after normalisation)."""
+    R0 = cams.R[0]
+    rot = rotation_angle_deg(cams.R @ R0.T).max()
+    path = (cams.centers[1:] - cams.centers[:-1]).norm(dim=-1).sum()
+    return {"max_rotation_deg": float(rot), "path_length": float(path)}
+
+
+def build_webvid_clip(item: WebVidItem, cfg: PreprocessConfig) -> ClipSample:
+    """Decode, pose (SfM) and resize one WebVid clip into the shard schema."""
+    from pipelines.sfm import run_sfm
+
+    frames, fps, indices = decode_frames(item.video, cfg.clip.num_frames, cfg.webvid.target_fps)
+    H, W = frames.shape[1:3]
+    stored, box = crop_resize_frames(frames, cfg.clip.height, cfg.clip.width)
+    meta = {
+        "source": "webvid",
+        "sequence": item.id,
+        "category": None,
+        "caption": item.caption,
+        "frame_indices": indices,
+        "fps": fps,
+        "original_size_hw": [H, W],
+        "stored_size_hw": [cfg.clip.height, cfg.clip.width],
+        "depth_source": None,
+        "depth_units": None,
+        "pose_source": None,
+        "pose_quality": None,
+        "scene_scale": None,
+        "camera_motion": None,
+    }
+    K = w2c = None
+    if cfg.estimate_poses:
+        try:
+            res = run_sfm(frames, cfg.sfm)
+        except Exception as e:  # pycolmap can raise on degenerate input; it is the clip's failure
+            raise RecordError("sfm", f"pycolmap failed: {type(e).__name__}: {e}") from None
+        meta["pose_quality"] = res.quality()
+        if not res.ok:
+            if not cfg.sfm.keep_failed:
+                raise RecordError("sfm", res.reason)
+            meta["pose_failure"] = res.reason
+        else:
+            x0, y0, cw, ch = box
+            cams = res.cameras.crop(x0, y0, cw, ch).resize(cfg.clip.height, cfg.clip.width).relative_to(0)
+            scale = 1.0 / res.median_depth
+            w2c = cams.w2c.clone()
+            w2c[:, :3, 3] *= scale
+            cams = Cameras(w2c, cams.K, cams.image_hw)
+            meta.update(pose_source="pycolmap_sfm", scene_scale=scale, camera_motion=camera_motion(cams))
+            K, w2c = cams.K.to(torch.float32).numpy(), cams.w2c.to(torch.float32).numpy()
+    return ClipSample(
+        key=make_key("webvid", item.id, 0),
+        meta=meta,
+        caption=item.caption,
+        frames=stored,
+        intrinsics=K,
+        extrinsics=w2c,
+    )
