@@ -131,3 +131,66 @@ def test_unwritable_output_is_refused_up_front(tmp_path):
         preflight_output(str(blocker / "shards"))
     with pytest.raises(PermissionError, match="not writable"):
         run_preprocess(_cfg("co3d", tmp_path, blocker / "shards"))
+
+
+def test_webvid_bad_records_through_the_job(sample_data, tmp_path, ray_local):
+    import csv
+
+    root = tmp_path / "webvid"
+    shutil.copytree(sample_data / "webvid", root)
+    with open(root / "results_2M_train.csv", newline="", encoding="utf8") as f:
+        rows = list(csv.DictReader(f))
+    good = rows[0]
+    src = root / "videos" / good["page_dir"] / f"{good['videoid']}.mp4"
+    data = src.read_bytes()
+    bad = {
+        "1000000001": None,  # missing file
+        "1000000002": data[: len(data) // 4],  # truncated
+        "1000000003": b"",  # zero-length
+    }
+    for vid, content in bad.items():
+        if content is not None:
+            (root / "videos" / good["page_dir"] / f"{vid}.mp4").write_bytes(content)
+        rows.append(dict(good, videoid=vid))
+    rows.append(dict(good, videoid="1000000004", page_dir=""))  # missing field
+    with open(root / "results_2M_train.csv", "w", newline="", encoding="utf8") as f:
+        w = csv.DictWriter(f, fieldnames=list(good))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "out"
+    # the debug videos have 12 frames: 8 fit, 13 do not
+    summary = run_preprocess(
+        _cfg(
+            "webvid",
+            root,
+            out,
+            "estimate_poses=false",
+            "estimate_depth=false",
+            "webvid.target_fps=null",
+            "clip.num_frames=8",
+        )
+    )
+    errors = {r["id"]: r for r in pq.read_table(out / "errors.parquet").to_pylist()}
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert sorted(r["source_id"] for r in manifest) == sorted(r["videoid"] for r in rows[:2])
+    assert errors["1000000001"]["stage"] == "read" and "video not found" in errors["1000000001"]["reason"]
+    assert errors["1000000002"]["stage"] == "decode"
+    assert (
+        errors["1000000003"]["stage"] == "decode"
+        and "corrupt or unsupported video" in errors["1000000003"]["reason"]
+    )
+    assert errors["results_2M_train.csv:7"]["stage"] == "csv"  # the 6th row; line 1 is the header
+    assert summary["inputs"] == len(rows) == summary["clips_written"] + summary["errors"]
+    # too short for the clip: every video becomes an error record, none is lost
+    short = run_preprocess(
+        _cfg(
+            "webvid",
+            root,
+            tmp_path / "short",
+            "estimate_poses=false",
+            "estimate_depth=false",
+            "webvid.target_fps=null",
+            "clip.num_frames=13",
+        )
+    )
+    assert short["clips_written"] == 0 and short["errors"] == len(rows)
