@@ -76,7 +76,9 @@ class DepthModelConfig:
 
     Attributes:
         model: ``from_pretrained`` path or hub id (default ``Intel/zoedepth-nyu-kitti``).
-        batch_size: frames per forward pass.
+        batch_size: frames per forward pass. Two-head checkpoints (``zoedepth-nyu-kitti``) vote
+            the NYU/KITTI head over the whole batch, so keep it >= ``clip.num_frames``: one
+            head per clip (batches never mix clips).
         num_gpus: GPUs per actor (fractions share a GPU; 0 runs on CPU).
         num_cpus: CPUs per actor (fractional on small machines so reads are not starved).
         actors: actor pool size.
@@ -86,7 +88,7 @@ class DepthModelConfig:
     """
 
     model: str = "Intel/zoedepth-nyu-kitti"
-    batch_size: int = 8
+    batch_size: int = 16
     num_gpus: float = 0.0
     num_cpus: float = 0.5
     actors: int = 1

@@ -127,7 +127,9 @@ class DepthEstimator:
         device: ``cuda``/``cpu``/``None`` (CUDA when available).
         input_size: target network input size (the processor's 384x512 for real checkpoints).
         flip_average: average with the prediction of the mirrored image (the processor's default).
-        batch_size: frames per forward pass.
+        batch_size: frames per forward pass. Two-head checkpoints choose the NYU or KITTI head
+            by a vote over the whole batch (transformers sums domain logits over the batch), so
+            pass one clip per call with ``batch_size`` >= its frames for one head per clip.
     """
 
     def __init__(
