@@ -10,9 +10,11 @@ Plan (one Ray Data pipeline, streaming, shards as the unit of work)::
       -> map  write_shard   atomic tar + marker (pipelines.shards)
     driver: collect markers -> manifest.parquet, errors.parquet; summary -> stdout + MLflow
 
-Resources: build tasks take 1 CPU, depth actors ``depth.num_cpus`` (fractional by default) and
-``depth.num_gpus``, writers 0.25 CPU, so an actor pool can never hold every CPU and starve the
-tasks feeding it (the 2-CPU deadlock noted in STACK.md). ``ray.max_errored_blocks`` bounds how
+Resources: depth actors take ``depth.num_cpus`` (fractional by default) and ``depth.num_gpus``;
+build tasks take 1 CPU, or what the actors leave when that is less (:func:`plan_cpus`), so an
+actor pool can never hold the CPUs the tasks feeding it need (the deadlock STACK.md notes on 2
+CPUs, and the one a 1-CPU run hit here). Without a depth stage, build and write fuse into one
+task. ``ray.max_errored_blocks`` bounds how
 many shard failures (unexpected exceptions, dead workers) the job tolerates before aborting;
 record-level failures never fail a shard.
 """
@@ -121,6 +123,26 @@ def write_shard(row: dict, cfg: PreprocessConfig) -> dict:
     }
 
 
+def plan_cpus(cfg: PreprocessConfig, cluster_cpus: float) -> tuple[float, float]:
+    """CPUs per build task and per write task, leaving the depth actors their share.
+
+    The actor pool holds ``depth.actors * depth.num_cpus`` for the whole run; a build task that
+    asks for more than what is left could never be scheduled and the job would hang (seen with
+    one CPU and a 0.5-CPU actor). So the build request shrinks to fit, and a pool that leaves
+    nothing is refused up front.
+    """
+    if not needs_depth_model(cfg):
+        return 1.0, 1.0
+    reserved = cfg.depth.actors * cfg.depth.num_cpus
+    free = cluster_cpus - reserved
+    if free <= 0:
+        raise ValueError(
+            f"depth.actors x depth.num_cpus = {reserved:g} CPUs leaves nothing of the cluster's {cluster_cpus:g} "
+            "for the tasks that feed the actors; lower depth.num_cpus or depth.actors"
+        )
+    return min(1.0, free), min(0.25, free)
+
+
 def _init_ray(cfg: PreprocessConfig) -> None:
     import ray
 
@@ -150,7 +172,8 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         ctx.max_errored_blocks = cfg.ray.max_errored_blocks
         rows = [{"shard": i, "items": pickle.dumps([listing.items[j] for j in specs[i]])} for i in todo]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-        ds = ds.map(build_shard, fn_kwargs={"cfg": cfg}, num_cpus=1)
+        build_cpus, write_cpus = plan_cpus(cfg, ray.cluster_resources().get("CPU", 1.0))
+        ds = ds.map(build_shard, fn_kwargs={"cfg": cfg}, num_cpus=build_cpus)
         if needs_depth_model(cfg):
             from pipelines.depth import DepthStage
 
@@ -165,7 +188,9 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
                 num_cpus=cfg.depth.num_cpus,
                 num_gpus=cfg.depth.num_gpus,
             )
-        ds = ds.map(write_shard, fn_kwargs={"cfg": cfg}, num_cpus=0.25)
+        # Without a depth stage the writer asks for what the builder asks for, so Ray Data fuses
+        # the two into one task (no second worker pool, no payload through the object store).
+        ds = ds.map(write_shard, fn_kwargs={"cfg": cfg}, num_cpus=write_cpus)
         results = list(ds.iter_rows())
     manifest, errors = shardlib.collect(cfg.output, cfg.split, listing.errors)
     missing = [i for i in todo if i not in shardlib.completed_shards(cfg.output, cfg.split)]

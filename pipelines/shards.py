@@ -78,6 +78,7 @@ def commit_shard(
 ) -> dict:
     """Write one shard's tar (if it has samples) and then its marker; returns the marker."""
     fs, root = fsspec.core.url_to_fs(output)
+    fs.makedirs(root, exist_ok=True)
     name = shard_name(split, index)
     if samples:
         _atomic_write(fs, f"{root}/{name}.tar", tar_bytes(samples))

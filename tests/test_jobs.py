@@ -5,22 +5,30 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from mvcustom.configs import SampleDataConfig, from_dict
 from mvcustom.data import co3d
 from mvcustom.data.generator import generate_sample_data
 
 
-def test_demo_job_runs_on_debug_data(tmp_path, capsys):
+@pytest.mark.slow
+def test_demo_job_runs_on_debug_data(tmp_path, capsys, ray_local):
+    import mlflow
+
     from jobs.demo import main
 
     summary = main(["--out", str(tmp_path / "demo"), "--config", "jobs/configs/make_sample_data_debug.yaml"])
     out = capsys.readouterr().out
     assert "co3d/teddybear: 2 sequences, 16 frames" in out
-    assert (tmp_path / "demo" / "data" / "co3d" / "car" / "frame_annotations.jgz").exists()
-    assert summary["webvid"].endswith("data/webvid")
     index = json.loads((tmp_path / "demo" / "data" / "ground_truth" / "index.json").read_text())
     assert len(index["webvid"]["videos"]) == 2
+    assert summary["clips"]["co3d"] == 4 and summary["error_records"]["co3d"] == 0
+    assert summary["clips"]["webvid"] + summary["error_records"]["webvid"] == 2
+    assert (tmp_path / "demo" / "shards" / "co3d" / "manifest.parquet").exists()
+    client = mlflow.tracking.MlflowClient(tracking_uri=summary["mlflow"])
+    run = client.get_run(summary["mlflow_runs"]["co3d"])
+    assert run.data.params["source"] == "co3d" and run.data.metrics["clips_written"] == 4
 
 
 def test_generator_and_reader_work_through_fsspec_urls():

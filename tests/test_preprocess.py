@@ -194,3 +194,15 @@ def test_webvid_bad_records_through_the_job(sample_data, tmp_path, ray_local):
         )
     )
     assert short["clips_written"] == 0 and short["errors"] == len(rows)
+
+
+def test_cpu_plan_never_starves_the_feeding_tasks():
+    from pipelines.preprocess import plan_cpus
+
+    co3d = _cfg("co3d", "in", "out")
+    assert plan_cpus(co3d, 2.0) == (1.0, 1.0)  # no actors: build and write fuse
+    web = _cfg("webvid", "in", "out", "depth.num_cpus=0.5", "depth.actors=1")
+    assert plan_cpus(web, 2.0) == (1.0, 0.25)
+    assert plan_cpus(web, 1.0) == (0.5, 0.25)  # 1 CPU: the build task must fit beside the actor
+    with pytest.raises(ValueError, match="leaves nothing of the cluster's 1 for the tasks"):
+        plan_cpus(_cfg("webvid", "in", "out", "depth.num_cpus=1.0"), 1.0)

@@ -1,0 +1,175 @@
+"""Preprocessing throughput: the Ray Data job on 1 and 2 CPUs against a plain single-process loop.
+
+    python benchmarks/preprocess.py [--co3d-sequences 8] [--webvid-videos 8] [--out DIR]
+
+For each configuration (CO3D with dataset depth, CO3D + ZoeDepth, WebVid decode only, WebVid +
+SfM + ZoeDepth) the same clips are produced three ways in one run:
+
+* ``plain``: a single-process Python loop doing the same per-record work and writing the same
+  shards (the decode-bound reference, no Ray);
+* ``ray_1cpu`` / ``ray_2cpu``: ``run_preprocess`` on an embedded Ray limited to 1 / 2 CPUs.
+
+Prints one JSON document: clips/s of each and the ratios ``ray_1cpu / plain`` (target >= 0.9)
+and ``ray_2cpu / plain`` (target >= 1.8). The ZoeDepth model is the tiny random one (the model's
+own speed is not what is measured here), so depth figures show the pipeline's overhead only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def _plain(cfg) -> float:
+    """The same work as the job, in one process: list, build, depth, write shards."""
+    from mvcustom.data.schema import encode_sample
+    from mvcustom.models.zoedepth import DepthEstimator
+    from pipelines import shards as shardlib
+    from pipelines.depth import add_depth
+    from pipelines.preprocess import list_items, needs_depth_model, process_item
+
+    t0 = time.perf_counter()
+    listing = list_items(cfg)
+    est = None
+    if needs_depth_model(cfg):
+        d = cfg.depth
+        est = DepthEstimator(d.model, "cpu", d.input_size, d.flip_average, d.batch_size)
+    n = 0
+    for idx, rng in enumerate(shardlib.assign_shards(len(listing.items), cfg.samples_per_shard)):
+        samples, manifest, errors = [], [], []
+        for j in rng:
+            item = listing.items[j]
+            try:
+                s = encode_sample(process_item(item, cfg), cfg.jpeg_quality)
+            except Exception as e:
+                errors.append({"id": item.id, "stage": getattr(e, "stage", "load"), "reason": str(e)})
+                continue
+            if est is not None:
+                s = add_depth(s, est, "replace")
+            samples.append(s)
+            manifest.append(
+                {
+                    "key": s["__key__"],
+                    "shard": "",
+                    "source": cfg.source,
+                    "source_id": item.id,
+                    "num_frames": cfg.clip.num_frames,
+                }
+            )
+        shardlib.commit_shard(cfg.output, cfg.split, idx, samples, manifest, errors)
+        n += len(samples)
+    shardlib.collect(cfg.output, cfg.split, listing.errors)
+    return n / (time.perf_counter() - t0), n
+
+
+def _ray(cfg, num_cpus: int) -> tuple[float, int]:
+    import ray
+
+    from pipelines.preprocess import run_preprocess
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        t0 = time.perf_counter()
+        s = run_preprocess(cfg)
+        return s["clips_written"] / (time.perf_counter() - t0), s["clips_written"]
+    finally:
+        ray.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--co3d-sequences", type=int, default=8, help="sequences per category (2 categories)")
+    ap.add_argument("--webvid-videos", type=int, default=8)
+    ap.add_argument("--out", default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--only", default=None, help="comma-separated configuration names")
+    args = ap.parse_args()
+
+    from mvcustom.configs import PreprocessConfig, SampleDataConfig, from_dict
+    from mvcustom.data.generator import generate_sample_data
+    from mvcustom.models.zoedepth import save_tiny_zoedepth
+
+    root = args.out or tempfile.mkdtemp(prefix="bench-preprocess-")
+    t = time.perf_counter()
+    data_cfg = from_dict(
+        SampleDataConfig,
+        {
+            "co3d": {
+                "categories": ["chair", "car"],
+                "sequences_per_category": args.co3d_sequences,
+                "frames_per_sequence": 24,
+                "image_sizes": [[240, 320]],
+            },
+            "webvid": {
+                "num_videos": args.webvid_videos,
+                "height": 180,
+                "width": 320,
+                "fps": 24,
+                "duration_s": 2.0,
+                "motions": ["orbit", "arc"],
+            },
+        },
+        "bench",
+    )
+    if not os.path.exists(f"{root}/data/ground_truth/index.json"):  # --out DIR reuses its data
+        generate_sample_data(f"{root}/data", data_cfg)
+    zoe = save_tiny_zoedepth(f"{root}/tiny-zoedepth")
+    gen_s = time.perf_counter() - t
+
+    base = {
+        "split": "train",
+        "samples_per_shard": 2,
+        "mlflow": {"enabled": False},
+        "clip": {"num_frames": 16, "height": 128, "width": 128},
+    }
+    configs = {
+        "co3d_dataset_depth": {"source": "co3d", "input": f"{root}/data/co3d", "co3d": {"depth": "dataset", "clips_per_sequence": 4}},
+        "co3d_zoedepth": {
+            "source": "co3d",
+            "input": f"{root}/data/co3d",
+            "co3d": {"depth": "zoedepth"},
+            "depth": {"model": zoe, "input_size": [128, 128], "flip_average": False},
+        },
+        "webvid_decode_only": {
+            "source": "webvid",
+            "input": f"{root}/data/webvid",
+            "estimate_poses": False,
+            "estimate_depth": False,
+            "webvid": {"target_fps": 8.0},
+        },
+        "webvid_sfm_zoedepth": {
+            "source": "webvid",
+            "input": f"{root}/data/webvid",
+            "webvid": {"target_fps": 8.0},
+            "depth": {"model": zoe, "input_size": [128, 128], "flip_average": False},
+        },
+    }
+    if args.only:
+        configs = {k: v for k, v in configs.items() if k in args.only.split(",")}
+    results = {"data_generation_s": round(gen_s, 1), "machine_cpus": os.cpu_count(), "configs": {}}
+    for name, extra in configs.items():
+        row = {}
+        for mode in ("plain", "ray_1cpu", "ray_2cpu"):
+            out = f"{root}/out/{name}/{mode}"
+            shutil.rmtree(out, ignore_errors=True)
+            cfg = from_dict(PreprocessConfig, {**base, **extra, "output": out}, name)
+            rate, n = _plain(cfg) if mode == "plain" else _ray(cfg, 1 if mode == "ray_1cpu" else 2)
+            row[f"{mode}_clips_per_s"] = round(rate, 3)
+            row["clips"] = n
+        row["ratio_ray_1cpu_vs_plain"] = round(row["ray_1cpu_clips_per_s"] / row["plain_clips_per_s"], 3)
+        row["ratio_ray_2cpu_vs_plain"] = round(row["ray_2cpu_clips_per_s"] / row["plain_clips_per_s"], 3)
+        results["configs"][name] = row
+        print(json.dumps({name: row}), flush=True)
+    results["targets"] = {"ratio_ray_1cpu_vs_plain": ">= 0.9", "ratio_ray_2cpu_vs_plain": ">= 1.8"}
+    print(json.dumps(results, indent=1))
+    if not args.out:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
