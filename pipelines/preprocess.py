@@ -22,6 +22,7 @@ record-level failures never fail a shard.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import time
 from dataclasses import dataclass, field
@@ -120,7 +121,17 @@ def write_shard(row: dict, cfg: PreprocessConfig) -> dict:
         "samples": len(samples),
         "errors": len(errors),
         "build_s": float(row["build_s"]),
+        "done_at": time.time(),
     }
+
+
+def steady_rate(done: list[tuple[float, int]]) -> float | None:
+    """Clips/s between the first and the last shard commit: throughput without start-up cost."""
+    if len(done) < 3:
+        return None
+    done = sorted(done)
+    span = done[-1][0] - done[0][0]
+    return sum(n for _, n in done[1:]) / span if span > 0 else None
 
 
 def plan_cpus(cfg: PreprocessConfig, cluster_cpus: float) -> tuple[float, float]:
@@ -128,8 +139,9 @@ def plan_cpus(cfg: PreprocessConfig, cluster_cpus: float) -> tuple[float, float]
 
     The actor pool holds ``depth.actors * depth.num_cpus`` for the whole run; a build task that
     asks for more than what is left could never be scheduled and the job would hang (seen with
-    one CPU and a 0.5-CPU actor). So the build request shrinks to fit, and a pool that leaves
-    nothing is refused up front.
+    one CPU and a 0.5-CPU actor). The ``free`` CPUs left are split evenly over ``ceil(free)``
+    build tasks, so as many builders run as there are cores to feed them (1.5 free -> two 0.75
+    tasks, not one 1-CPU task that leaves a core idle), and a pool that leaves nothing is refused.
     """
     if not needs_depth_model(cfg):
         return 1.0, 1.0
@@ -140,7 +152,11 @@ def plan_cpus(cfg: PreprocessConfig, cluster_cpus: float) -> tuple[float, float]
             f"depth.actors x depth.num_cpus = {reserved:g} CPUs leaves nothing of the cluster's {cluster_cpus:g} "
             "for the tasks that feed the actors; lower depth.num_cpus or depth.actors"
         )
-    return min(1.0, free), min(0.25, free)
+    return free / math.ceil(free), min(0.25, free)
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)
 
 
 def _init_ray(cfg: PreprocessConfig) -> None:
@@ -170,6 +186,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         _init_ray(cfg)
         ctx = ray.data.DataContext.get_current()
         ctx.max_errored_blocks = cfg.ray.max_errored_blocks
+        ctx.op_resource_reservation_enabled = cfg.ray.reserve_operator_resources
         rows = [{"shard": i, "items": pickle.dumps([listing.items[j] for j in specs[i]])} for i in todo]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         build_cpus, write_cpus = plan_cpus(cfg, ray.cluster_resources().get("CPU", 1.0))
@@ -213,6 +230,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         "shards_failed": missing,
         "seconds": round(seconds, 2),
         "clips_per_s": round(sum(r["samples"] for r in results) / seconds, 3) if results else 0.0,
+        "steady_clips_per_s": _round(steady_rate([(r["done_at"], r["samples"]) for r in results])),
         "failure_reasons": reasons,
     }
     return summary

@@ -118,7 +118,8 @@ def test_webvid_shards_with_depth_and_sfm(sample_data, tmp_path, tiny_zoedepth, 
     for s in _read_back(out):
         assert s.depth.shape == (12, 64, 96) and s.depth.dtype == np.float16 and (s.depth > 0).all()
         assert s.meta["depth_source"] == "zoedepth" and s.meta["pose_source"] == "pycolmap_sfm"
-        assert s.meta["camera_motion"]["max_rotation_deg"] > 5
+        motion = s.meta["camera_motion"]  # arc: rotates; truck: translates without rotating
+        assert motion["max_rotation_deg"] > 5 or motion["path_length"] > 0.1, motion
         assert "Café" in s.caption or "truck" in s.caption
     for e in errors:
         assert e["stage"] == "sfm"
@@ -202,7 +203,8 @@ def test_cpu_plan_never_starves_the_feeding_tasks():
     co3d = _cfg("co3d", "in", "out")
     assert plan_cpus(co3d, 2.0) == (1.0, 1.0)  # no actors: build and write fuse
     web = _cfg("webvid", "in", "out", "depth.num_cpus=0.5", "depth.actors=1")
-    assert plan_cpus(web, 2.0) == (1.0, 0.25)
+    assert plan_cpus(web, 2.0) == (0.75, 0.25)  # two builders share the 1.5 CPUs the actor leaves
     assert plan_cpus(web, 1.0) == (0.5, 0.25)  # 1 CPU: the build task must fit beside the actor
+    assert plan_cpus(web, 16.0) == (15.5 / 16, 0.25)
     with pytest.raises(ValueError, match="leaves nothing of the cluster's 1 for the tasks"):
         plan_cpus(_cfg("webvid", "in", "out", "depth.num_cpus=1.0"), 1.0)
