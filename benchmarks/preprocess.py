@@ -6,8 +6,9 @@ For each configuration (CO3D with dataset depth, CO3D + ZoeDepth, WebVid decode 
 SfM + ZoeDepth) the same clips are produced three ways in one run:
 
 * ``plain``: a single-process Python loop doing the same per-record work and writing the same
-  shards (the decode-bound reference, no Ray);
-* ``ray_1cpu`` / ``ray_2cpu``: ``run_preprocess`` on an embedded Ray limited to 1 / 2 CPUs.
+  shards (the decode-bound reference, no Ray), pinned to one core;
+* ``ray_1cpu`` / ``ray_2cpu``: ``run_preprocess`` on an embedded Ray of 1 / 2 CPUs, the whole
+  process tree (driver, raylet, workers) pinned to 1 / 2 cores.
 
 Prints one JSON document: clips/s of each end to end (listing, Ray start-up of workers and
 imports included; ``ray.init`` itself excluded) and in steady state (between the first and the
@@ -28,8 +29,17 @@ import time
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+def _pin(cores: int) -> None:
+    """Restrict this process (and every process it starts, Ray's included) to ``cores`` cores."""
+    os.sched_setaffinity(0, set(range(min(cores, os.cpu_count() or 1))))
+    import torch
+
+    torch.set_num_threads(cores)
+
+
 def _plain(cfg) -> float:
-    """The same work as the job, in one process: list, build, depth, write shards."""
+    """The same work as the job, in one process on one core: list, build, depth, write shards."""
+    _pin(1)
     from mvcustom.data.schema import encode_sample
     from mvcustom.models.zoedepth import DepthEstimator
     from pipelines import shards as shardlib
@@ -76,6 +86,7 @@ def _ray(cfg, num_cpus: int) -> tuple[float, float | None, int]:
 
     from pipelines.preprocess import run_preprocess
 
+    _pin(num_cpus)  # Ray's processes inherit the affinity: 1 CPU means one core for everything
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         t0 = time.perf_counter()
@@ -139,6 +150,7 @@ def main() -> None:
         "co3d_zoedepth": {
             "source": "co3d",
             "input": f"{root}/data/co3d",
+            "samples_per_shard": 8,
             "co3d": {"depth": "zoedepth", "clips_per_sequence": 4},
             "depth": {"model": zoe, "input_size": [128, 128], "flip_average": False},
         },

@@ -155,6 +155,23 @@ def plan_cpus(cfg: PreprocessConfig, cluster_cpus: float) -> tuple[float, float]
     return free / math.ceil(free), min(0.25, free)
 
 
+def content_fingerprint(cfg: PreprocessConfig) -> dict:
+    """The settings that decide what the shards contain (not how fast they are made)."""
+    from mvcustom.configs.base import flatten, to_dict
+
+    flat = flatten(to_dict(cfg))
+    scaling = (
+        "ray.",
+        "mlflow.",
+        "depth.actors",
+        "depth.num_gpus",
+        "depth.num_cpus",
+        "depth.batch_size",
+        "sfm.num_threads",
+    )
+    return {k: v for k, v in flat.items() if not k.startswith(scaling) and k != "output"}
+
+
 def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 3)
 
@@ -176,6 +193,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         raise ValueError("config keys 'input' and 'output' are required (set them in the YAML or with --set)")
     t0 = time.time()
     shardlib.preflight_output(cfg.output)
+    shardlib.check_job_fingerprint(cfg.output, content_fingerprint(cfg))
     listing = list_items(cfg)
     specs = shardlib.assign_shards(len(listing.items), cfg.samples_per_shard)
     done = shardlib.completed_shards(cfg.output, cfg.split)

@@ -133,3 +133,26 @@ def collect(output: str, split: str, extra_errors: list[dict] = ()) -> tuple[pa.
         pq.write_table(table, buf)
         _atomic_write(fs, f"{root}/{name}", buf.getvalue())
     return mt, et
+
+
+def check_job_fingerprint(output: str, fingerprint: dict) -> None:
+    """Record what produced ``output`` (``_job.json``) and refuse to resume it with other settings.
+
+    Resume is per shard, so shards written under one config and shards written under another
+    would silently mix (different frame counts, sizes, sampling). ``fingerprint`` holds every
+    setting that changes the content of the shards.
+    """
+    fs, root = fsspec.core.url_to_fs(output)
+    path = f"{root}/_job.json"
+    if fs.exists(path):
+        with fs.open(path, "rb") as f:
+            old = json.loads(f.read().decode("utf8"))
+        if old != fingerprint:
+            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+            raise ValueError(
+                f"output {output!r} holds shards made with different settings ({', '.join(diff)}); "
+                "rerun with the original settings to resume, or write to a new output"
+            )
+        return
+    fs.makedirs(root, exist_ok=True)
+    _atomic_write(fs, path, json.dumps(fingerprint, sort_keys=True).encode("utf8"))

@@ -61,6 +61,9 @@ def test_co3d_shards_and_resume(sample_data, tmp_path, ray_local):
     assert pq.read_table(out / "manifest.parquet").equals(pq.read_table(out / "manifest.parquet"))
     assert pq.read_table(out / "manifest.parquet").to_pylist() == manifest
     assert (out / "manifest.parquet").read_bytes() == before
+    # resuming with settings that change the content is refused, naming them
+    with pytest.raises(ValueError, match=r"different settings \(clip.height\)"):
+        run_preprocess(_cfg("co3d", sample_data / "co3d", out, "samples_per_shard=3", "clip.height=32"))
 
 
 def test_co3d_bad_records_are_recorded_and_good_ones_kept(sample_data, tmp_path, ray_local):
