@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import pickle
 
 import numpy as np
@@ -48,6 +49,8 @@ class DepthStage:
         from mvcustom.models.zoedepth import DepthEstimator
 
         device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        if device == "cpu":  # as many intra-op threads as CPUs granted, not as the machine has
+            torch.set_num_threads(max(1, math.floor(cfg.num_cpus)))
         self.estimator = DepthEstimator(cfg.model, device, cfg.input_size, cfg.flip_average, cfg.batch_size)
         self.mode = mode
 

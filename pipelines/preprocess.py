@@ -208,7 +208,11 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         rows = [{"shard": i, "items": pickle.dumps([listing.items[j] for j in specs[i]])} for i in todo]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         build_cpus, write_cpus = plan_cpus(cfg, ray.cluster_resources().get("CPU", 1.0))
-        ds = ds.map(build_shard, fn_kwargs={"cfg": cfg}, num_cpus=build_cpus)
+        # max_retries: a task lost with its worker or node is rerun (shards are idempotent). It
+        # also keeps Ray Data from fusing the build into the depth actors when their CPU requests
+        # happen to be equal (it did on 1 CPU: every build then ran serially inside one actor).
+        retries = {"max_retries": cfg.ray.task_retries}
+        ds = ds.map(build_shard, fn_kwargs={"cfg": cfg}, num_cpus=build_cpus, **retries)
         if needs_depth_model(cfg):
             from pipelines.depth import DepthStage
 
@@ -225,7 +229,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
             )
         # Without a depth stage the writer asks for what the builder asks for, so Ray Data fuses
         # the two into one task (no second worker pool, no payload through the object store).
-        ds = ds.map(write_shard, fn_kwargs={"cfg": cfg}, num_cpus=write_cpus)
+        ds = ds.map(write_shard, fn_kwargs={"cfg": cfg}, num_cpus=write_cpus, **retries)
         results = list(ds.iter_rows())
     manifest, errors = shardlib.collect(cfg.output, cfg.split, listing.errors)
     missing = [i for i in todo if i not in shardlib.completed_shards(cfg.output, cfg.split)]

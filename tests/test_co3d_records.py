@@ -84,3 +84,38 @@ def test_normalize_scene_contract():
         norm.centers.norm(dim=-1).new_tensor(1.0),
         (norm.centers - norm.centers.mean(0)).norm(dim=-1).mean() * 0 + 1,
     )
+
+
+def test_listing_filters_and_captions(sample_data, tmp_path):
+    import json as _json
+
+    from mvcustom.configs.preprocess import Co3dInputConfig
+    from pipelines.co3d_records import list_co3d_items
+
+    root = str(sample_data / "co3d")
+    items, errors = list_co3d_items(root, Co3dInputConfig(), 8)
+    assert len(items) == 4 and not errors and items[0].caption == "a photo of a car"
+    # subset + split: fewview_dev's train list holds the first sequence of each category only
+    items, _ = list_co3d_items(root, Co3dInputConfig(subset_name="fewview_dev", splits=["train"]), 8)
+    assert len(items) == 2
+    # manyview_dev_0 test frames are the odd frames of one sequence: 4 < 8 frames -> an error row
+    items, errors = list_co3d_items(
+        root, Co3dInputConfig(categories=["car"], subset_name="manyview_dev_0", splits=["test"]), 8
+    )
+    assert not items and "sequence has 4 frames" in errors[0]["reason"]
+    # quality threshold
+    items, errors = list_co3d_items(root, Co3dInputConfig(min_viewpoint_quality=1.01), 8)
+    assert (
+        not items
+        and all("below co3d.min_viewpoint_quality" in e["reason"] for e in errors)
+        and len(errors) == 4
+    )
+    # captions file overrides the template, per sequence
+    seq = list_co3d_items(root, Co3dInputConfig(categories=["car"]), 8)[0][0].sequence
+    cap = tmp_path / "captions.json"
+    cap.write_text(_json.dumps({seq: "a red toy car — façade"}), encoding="utf8")
+    items, _ = list_co3d_items(root, Co3dInputConfig(categories=["car"], captions_file=str(cap)), 8)
+    assert items[0].caption == "a red toy car — façade" and items[1].caption == "a photo of a car"
+    cap.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="captions_file .* expected a JSON object"):
+        list_co3d_items(root, Co3dInputConfig(captions_file=str(cap)), 8)

@@ -211,3 +211,21 @@ def test_cpu_plan_never_starves_the_feeding_tasks():
     assert plan_cpus(web, 16.0) == (15.5 / 16, 0.25)
     with pytest.raises(ValueError, match="leaves nothing of the cluster's 1 for the tasks"):
         plan_cpus(_cfg("webvid", "in", "out", "depth.num_cpus=1.0"), 1.0)
+
+
+def test_co3d_dataset_and_estimated_depth_side_by_side(sample_data, tmp_path, tiny_zoedepth, ray_local):
+    out = tmp_path / "both"
+    summary = run_preprocess(
+        _cfg(
+            "co3d",
+            sample_data / "co3d",
+            out,
+            "co3d.depth=both",
+            f"depth.model={tiny_zoedepth}",
+            "co3d.categories=[car]",
+        )
+    )
+    assert summary["clips_written"] == 2
+    for s in _read_back(out):
+        assert s.depth is not None and s.depth_est is not None and s.depth_est.shape == s.depth.shape
+        assert s.meta["depth_source"] == "co3d" and s.meta["depth_est_source"] == "zoedepth"

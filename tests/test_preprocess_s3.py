@@ -67,7 +67,13 @@ def test_preprocess_reads_and_writes_s3(sample_data, s3_server, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     fs.invalidate_cache()
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("mvc-bucket/shards/co3d"))
-    assert names == ["_job.json", "errors.parquet", "manifest.parquet", "train-000000.json", "train-000000.tar"]
+    assert names == [
+        "_job.json",
+        "errors.parquet",
+        "manifest.parquet",
+        "train-000000.json",
+        "train-000000.tar",
+    ]
     local = tmp_path / "shard.tar"
     fs.get("mvc-bucket/shards/co3d/train-000000.tar", str(local))
     samples = [decode_sample(s) for s in wds.WebDataset(str(local), shardshuffle=False)]

@@ -140,3 +140,18 @@ def test_sfm_failure_is_recorded_or_kept(sample_data, tmp_path):
     assert e.value.stage == "sfm"
     clip = build_webvid_clip(item, from_dict(PreprocessConfig, base, "t", ["sfm.keep_failed=true"]))
     assert clip.meta["pose_source"] is None and clip.intrinsics is None and clip.meta["pose_failure"]
+
+
+def test_url_column_locates_videos(webvid_copy):
+    rows = _rows(webvid_copy)
+    for r in rows:
+        r["contentUrl"] = f"file://{webvid_copy}/videos/{r['page_dir']}/{r['videoid']}.mp4"
+        r["page_dir"] = ""  # not needed when the URL column is used
+    with open(webvid_copy / "results_2M_train.csv", "w", newline="", encoding="utf8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    items, errors = list_webvid_items(str(webvid_copy), WebVidInputConfig(use_url_column=True))
+    assert not errors and len(items) == 2
+    frames, _, _ = decode_frames(items[0].video, 4, None)
+    assert frames.shape[0] == 4

@@ -40,18 +40,21 @@ class RayConfig:
             keeps half the CPUs for other operators; on 2 CPUs that ran one build task at a time,
             measured 5.8 vs 13.7 clips/s). Off by default here: our jobs size their stages so
             none can starve another (see ``pipelines.preprocess.plan_cpus``).
+        task_retries: reruns of a task whose worker or node died (work units are idempotent).
     """
 
     address: str | None = None
     num_cpus: int | None = None
     max_errored_blocks: int = 16
     reserve_operator_resources: bool = False
+    task_retries: int = 3
 
     def __post_init__(self) -> None:
         check(
             self.num_cpus is None or self.num_cpus > 0, f"ray.num_cpus must be positive, got {self.num_cpus}"
         )
         check(self.max_errored_blocks >= 0, "ray.max_errored_blocks must be >= 0")
+        check(self.task_retries >= 0, "ray.task_retries must be >= 0")
 
 
 @dataclass
