@@ -37,14 +37,15 @@ def _pin(cores: int) -> None:
     torch.set_num_threads(cores)
 
 
-def _plain(cfg) -> float:
-    """The same work as the job, in one process on one core: list, build, depth, write shards."""
+def _plain(cfg) -> tuple[float, float | None, int]:
+    """The job's own per-shard functions (build, depth, write) called in a plain loop, one core."""
     _pin(1)
-    from mvcustom.data.schema import encode_sample
+    import pickle
+
     from mvcustom.models.zoedepth import DepthEstimator
     from pipelines import shards as shardlib
     from pipelines.depth import add_depth
-    from pipelines.preprocess import list_items, needs_depth_model, process_item, steady_rate
+    from pipelines.preprocess import build_shard, list_items, needs_depth_model, steady_rate, write_shard
 
     t0 = time.perf_counter()
     listing = list_items(cfg)
@@ -54,29 +55,14 @@ def _plain(cfg) -> float:
         est = DepthEstimator(d.model, "cpu", d.input_size, d.flip_average, d.batch_size)
     n, done = 0, []
     for idx, rng in enumerate(shardlib.assign_shards(len(listing.items), cfg.samples_per_shard)):
-        samples, manifest, errors = [], [], []
-        for j in rng:
-            item = listing.items[j]
-            try:
-                s = encode_sample(process_item(item, cfg), cfg.jpeg_quality)
-            except Exception as e:
-                errors.append({"id": item.id, "stage": getattr(e, "stage", "load"), "reason": str(e)})
-                continue
-            if est is not None:
-                s = add_depth(s, est, "replace")
-            samples.append(s)
-            manifest.append(
-                {
-                    "key": s["__key__"],
-                    "shard": "",
-                    "source": cfg.source,
-                    "source_id": item.id,
-                    "num_frames": cfg.clip.num_frames,
-                }
+        row = build_shard({"shard": idx, "items": pickle.dumps([listing.items[j] for j in rng])}, cfg)
+        if est is not None:
+            row["samples"] = pickle.dumps(
+                [add_depth(s, est, "replace") for s in pickle.loads(row["samples"])]
             )
-        shardlib.commit_shard(cfg.output, cfg.split, idx, samples, manifest, errors)
-        n += len(samples)
-        done.append((time.time(), len(samples)))
+        status = write_shard(row, cfg)
+        n += status["samples"]
+        done.append((status["done_at"], status["samples"]))
     shardlib.collect(cfg.output, cfg.split, listing.errors)
     return n / (time.perf_counter() - t0), steady_rate(done), n
 

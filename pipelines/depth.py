@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from mvcustom.configs.preprocess import DepthModelConfig
-from mvcustom.data.schema import FRAME_RE, npy_bytes
+from mvcustom.data.schema import frame_members, npy_bytes
 
 DEPTH_UNITS = "metres (ZoeDepth metric estimate; scale not aligned to the poses)"
 
@@ -24,9 +24,7 @@ DEPTH_UNITS = "metres (ZoeDepth metric estimate; scale not aligned to the poses)
 def add_depth(sample: dict, estimator, mode: str) -> dict:
     """Estimate depth for one encoded sample; ``mode`` ``replace`` writes ``depth.npy``,
     ``both`` writes ``depth_est.npy`` beside the dataset's ``depth.npy``."""
-    frame_keys = sorted(
-        (k for k in sample if FRAME_RE.match(k)), key=lambda k: int(FRAME_RE.match(k).group(1))
-    )
+    frame_keys = frame_members(sample)
     frames = np.stack([np.array(Image.open(io.BytesIO(sample[k])).convert("RGB")) for k in frame_keys])
     depth = estimator(frames).astype(np.float16)
     meta = json.loads(sample["json"])

@@ -55,6 +55,11 @@ def frame_field(i: int) -> str:
     return f"frame_{i:03d}.jpg"
 
 
+def frame_members(raw: dict) -> list[str]:
+    """The frame member fields of a raw sample, in clip order."""
+    return sorted((k for k in raw if FRAME_RE.match(k)), key=lambda k: int(FRAME_RE.match(k).group(1)))
+
+
 @dataclass
 class ClipSample:
     """One clip in the schema's types, before encoding / after decoding.
@@ -156,9 +161,7 @@ def decode_sample(raw: dict) -> ClipSample:
     try:
         meta = json.loads(raw["json"])
         caption = raw["txt"].decode("utf8") if isinstance(raw["txt"], bytes) else raw["txt"]
-        frame_keys = sorted(
-            (k for k in raw if FRAME_RE.match(k)), key=lambda k: int(FRAME_RE.match(k).group(1))
-        )
+        frame_keys = frame_members(raw)
         frames = np.stack([np.array(Image.open(io.BytesIO(raw[k])).convert("RGB")) for k in frame_keys])
         sample = ClipSample(
             key=key,
