@@ -1,0 +1,520 @@
+"""The MVCustom model: the AnimateDiff backbone plus everything MVCustom adds to it.
+
+What is added, and where (DESIGN.md §1):
+
+* **STT**: every motion-module self-attention gets :class:`SpatioTemporalAttnProcessor`; a
+  forward pre-hook on each motion module hands it the feature-map size and the radius in force.
+* **Camera encoder** (our addition; ``camera_encoder=False`` is the paper's configuration):
+  Plücker maps relative to the first frame -> :class:`CameraEncoder` -> added to the output of
+  ``proj_in`` of every motion module of the down levels through zero-initialised merges.
+* **Pose-conditioned transformer blocks** (CD360, PAPER.md §3): for each chosen spatial
+  transformer block a :class:`FeatureNeRF` renders the reference views' features of that block at
+  the target cameras and ``fuse = Linear(2C -> C)`` mixes them into the block's output
+  (initialised to pass the block's output through unchanged).
+* **Subject token**: :mod:`mvcustom.models.text`.
+
+The diffusers modules stay stock (the additions are hooks and sibling modules), so the UNet's
+state dict is the diffusers layout: ``model.unet.save_pretrained`` gives a folder any
+``AnimateDiffPipeline`` reads. Blocks are counted in forward order: down levels, middle, up
+levels; SD 1.5 has 16 spatial transformer blocks (down 0-5, middle 6, up 7-15).
+
+Default FeatureNeRF blocks ``4-10``: the paper says "7 of the 16" without a list that could be
+read here (PAPER.md §3, NF), so ours are the seven lowest-resolution ones (down level 2, the
+middle block, up level 1 and the first block of up level 2), where the maps are smallest and
+carry layout rather than texture; CD360 (SDXL) instead uses every second block.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from mvcustom.models.attention import SpatioTemporalAttnProcessor
+from mvcustom.models.camera_encoder import CameraEncoder, clip_plucker, relative_to_first
+from mvcustom.models.components import Components, load_components, tiny_components
+from mvcustom.models.featurenerf import FeatureNeRF, RenderOutput
+from mvcustom.models.text import add_subject_tokens
+
+Tensor = torch.Tensor
+
+CONFIG_FILE = "mvcustom_config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class MVCustomConfig:
+    """Architecture of the additions (the backbone's own configs travel with its components).
+
+    Attributes:
+        camera_encoder: build the Plücker camera encoder (off in the paper's configuration).
+        camera_encoder_blocks: residual blocks per level. camera_encoder_heads: temporal heads.
+        featurenerf_blocks: spatial transformer blocks (0-15 in SD 1.5) that get a FeatureNeRF.
+        nerf_hidden: FeatureNeRF width. nerf_samples: samples per ray (CD360: 24).
+        near, far: default ray bounds in the clip's world units (CO3D clips: mean camera
+            distance 1).
+        subject_tokens: textual-inversion tokens the text encoder carries.
+        subject_init_words: per token, the word initialising it (``[]``: random).
+        stt_tile: query tile side of windowed STT (``None``: ``2r + 1``).
+    """
+
+    camera_encoder: bool = True
+    camera_encoder_blocks: int = 1
+    camera_encoder_heads: int = 1
+    featurenerf_blocks: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8, 9, 10])
+    nerf_hidden: int = 64
+    nerf_samples: int = 24
+    near: float = 0.2
+    far: float = 2.0
+    subject_tokens: list[str] = field(default_factory=list)
+    subject_init_words: list[str] = field(default_factory=list)
+    stt_tile: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.subject_init_words and len(self.subject_init_words) != len(self.subject_tokens):
+            raise ValueError("subject_init_words needs one word per subject token (or none)")
+        if len(set(self.featurenerf_blocks)) != len(self.featurenerf_blocks):
+            raise ValueError(f"featurenerf_blocks has repeats: {self.featurenerf_blocks}")
+
+
+@dataclass
+class ClipCameras:
+    """Cameras of a batch of clips: ``w2c (B, F, 4, 4)`` OpenCV, ``K (B, F, 3, 3)`` in pixels of
+    ``image_hw`` (the frames' size, ``8x`` the latents')."""
+
+    w2c: Tensor
+    K: Tensor
+    image_hw: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        if self.w2c.ndim != 4 or self.w2c.shape[-2:] != (4, 4) or self.K.shape != (*self.w2c.shape[:2], 3, 3):
+            raise ValueError(
+                f"cameras need w2c (B, F, 4, 4) and K (B, F, 3, 3), got {tuple(self.w2c.shape)}, {tuple(self.K.shape)}"
+            )
+        self.image_hw = (int(self.image_hw[0]), int(self.image_hw[1]))
+
+
+@dataclass
+class References:
+    """The subject's reference views: ``latents (B, K, C, h, w)`` (clean, VAE-scaled) and cameras
+    in the same world frame as the target cameras. ``features``: the per-block features of a
+    previous :meth:`MVCustomModel.reference_features` call (reused across denoising steps)."""
+
+    latents: Tensor | None
+    cameras: ClipCameras
+    features: dict[int, Tensor] | None = None
+
+
+@dataclass
+class DenoiseOutput:
+    """``sample (B, F, C, h, w)`` (what the scheduler's prediction type says) and the
+    FeatureNeRF renders per block (for its losses and the depth alignment at inference)."""
+
+    sample: Tensor
+    renders: dict[int, RenderOutput] = field(default_factory=dict)
+
+
+class _State:
+    """What the hooks read during one forward (set by :meth:`MVCustomModel.forward`).
+
+    It is left in place after the forward so gradient checkpointing can replay the hooks during
+    the backward pass; the next forward overwrites it.
+    """
+
+    def __init__(self) -> None:
+        self.radius = 0
+        self.tile: int | None = None
+        self.camera_features: list[Tensor] | None = None
+        self.mode = "plain"  # plain | capture | inject
+        self.latent_hw: tuple[int, int] = (0, 0)
+        self.captured: dict[int, Tensor] = {}
+        self.references: References | None = None
+        self.targets: ClipCameras | None = None
+        self.near: Tensor | None = None
+        self.far: Tensor | None = None
+        self.renders: dict[int, RenderOutput] = {}
+
+
+class CameraMerge(nn.Module):
+    """CameraCtrl's fusion: ``h + merge(h + proj(camera))`` with ``merge`` initialised to zero."""
+
+    def __init__(self, camera_channels: int, channels: int):
+        super().__init__()
+        self.proj = nn.Linear(camera_channels, channels)
+        self.merge = nn.Linear(channels, channels)
+        nn.init.zeros_(self.merge.weight)
+        nn.init.zeros_(self.merge.bias)
+
+    def forward(self, hidden: Tensor, camera: Tensor) -> Tensor:
+        return hidden + self.merge(hidden + self.proj(camera))
+
+
+class PoseConditioning(nn.Module):
+    """A FeatureNeRF and the fusion ``Linear(2C -> C)`` of one pose-conditioned block."""
+
+    def __init__(self, channels: int, cfg: MVCustomConfig):
+        super().__init__()
+        self.nerf = FeatureNeRF(channels, cfg.nerf_hidden, cfg.nerf_samples, cfg.near, cfg.far)
+        self.fuse = nn.Linear(2 * channels, channels)
+        with torch.no_grad():  # pass-through at initialisation (CD360)
+            self.fuse.weight.zero_()
+            self.fuse.weight[:, :channels] = torch.eye(channels)
+            self.fuse.bias.zero_()
+
+
+# Hooks are small objects holding the shared state and the module they apply (not closures over
+# the model), so ``copy.deepcopy`` and pickling give a model whose hooks use its own state.
+class _MotionHook:
+    """Pre-hook of a motion module: hand STT the feature-map size and the radius in force."""
+
+    def __init__(self, state: _State):
+        self.state = state
+
+    def __call__(self, module, args, kwargs):
+        # AnimateDiffTransformer3D.forward(hidden_states, encoder_hidden_states, timestep,
+        # class_labels, num_frames, cross_attention_kwargs): diffusers' blocks call it both ways.
+        hidden = args[0] if args else kwargs["hidden_states"]
+        positional = len(args) > 5
+        extra = dict((args[5] if positional else kwargs.get("cross_attention_kwargs")) or {})
+        extra.update(spatial_shape=tuple(hidden.shape[-2:]), radius=self.state.radius, tile=self.state.tile)
+        if positional:
+            args = (*args[:5], extra, *args[6:])
+        else:
+            kwargs["cross_attention_kwargs"] = extra
+        return args, kwargs
+
+
+class _CameraHook:
+    """Forward hook on a down-level motion module's ``proj_in``: add the camera features."""
+
+    def __init__(self, state: _State, merge: CameraMerge, level: int):
+        self.state, self.merge, self.level = state, merge, level
+
+    def __call__(self, module, inputs, output):
+        feats = self.state.camera_features
+        if feats is None:
+            return None
+        cam = feats[self.level]  # (B*F, C, H, W); output: (B*H*W, F, inner)
+        BF, C, H, W = cam.shape
+        Fr = output.shape[1]
+        cam = cam.reshape(BF // Fr, Fr, C, H, W).permute(0, 3, 4, 1, 2).reshape(-1, Fr, C)
+        return self.merge(output, cam.to(output.dtype))
+
+
+class _PoseHook:
+    """Forward hook on a pose-conditioned spatial block: capture reference features, or render
+    them at the target cameras and fuse them into the block's output."""
+
+    def __init__(self, state: _State, block: PoseConditioning, index: int):
+        self.state, self.block, self.index = state, block, index
+
+    def __call__(self, module, inputs, output):
+        state = self.state
+        if state.mode == "capture":
+            state.captured[self.index] = output
+            return None
+        if state.mode != "inject":
+            return None
+        BF, tokens, C = output.shape
+        H0, W0 = state.latent_hw
+        s = round(math.sqrt(H0 * W0 / tokens))
+        h, w = H0 // s, W0 // s
+        refs = state.references
+        B, Kv = refs.cameras.w2c.shape[:2]
+        ref = refs.features[self.index].reshape(B, Kv, h, w, C).permute(0, 1, 4, 2, 3)
+        render = self.block.nerf(
+            ref,
+            refs.cameras.w2c,
+            refs.cameras.K,
+            state.targets.w2c,
+            state.targets.K,
+            state.targets.image_hw,
+            (h, w),
+            state.near,
+            state.far,
+        )
+        state.renders[self.index] = render
+        rendered = render.features.permute(0, 1, 3, 4, 2).reshape(BF, tokens, C).to(output.dtype)
+        return self.block.fuse(torch.cat([output, rendered], -1))
+
+
+def motion_modules(unet) -> list[tuple[str, int | None, nn.Module]]:
+    """``(name, down_level or None, module)`` of every motion module, in forward order."""
+    out = []
+    for i, block in enumerate(unet.down_blocks):
+        out += [(f"down{i}_{j}", i, m) for j, m in enumerate(block.motion_modules)]
+    if getattr(unet.mid_block, "motion_modules", None) is not None:
+        out += [(f"mid_{j}", None, m) for j, m in enumerate(unet.mid_block.motion_modules)]
+    for i, block in enumerate(unet.up_blocks):
+        out += [(f"up{i}_{j}", None, m) for j, m in enumerate(block.motion_modules)]
+    return out
+
+
+def spatial_transformer_blocks(unet) -> list[nn.Module]:
+    """The spatial ``BasicTransformerBlock``s in forward order (16 in SD 1.5)."""
+    blocks = []
+    for part in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        for attn in getattr(part, "attentions", None) or []:
+            blocks += list(attn.transformer_blocks)
+    return blocks
+
+
+class MVCustomModel(nn.Module):
+    """The whole assembly; see the module docstring. Build with :meth:`tiny`,
+    :meth:`from_sd15` or :meth:`from_pretrained` (a folder written by :meth:`save_pretrained`)."""
+
+    def __init__(self, components: Components, config: MVCustomConfig):
+        super().__init__()
+        self.config = config
+        self.unet = components.unet
+        self.vae = components.vae
+        self.text_encoder = components.text_encoder
+        self.tokenizer = components.tokenizer
+        self.scheduler_config = dict(components.scheduler)
+        self._state = _State()
+        # The tokenizer is saved without the subject tokens; loading re-adds them together with
+        # the text encoder's matching rows (one code path for fresh and loaded models).
+        self._base_tokenizer = copy.deepcopy(self.tokenizer)
+        if config.subject_tokens:
+            add_subject_tokens(
+                self.tokenizer, self.text_encoder, config.subject_tokens, config.subject_init_words or None
+            )
+        channels = tuple(self.unet.config.block_out_channels)
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+        modules = motion_modules(self.unet)
+        for _, _, module in modules:
+            for block in module.transformer_blocks:
+                for attn in (block.attn1, block.attn2):
+                    if attn is not None:
+                        attn.set_processor(SpatioTemporalAttnProcessor())
+            module.register_forward_pre_hook(_MotionHook(self._state), with_kwargs=True)
+
+        self.camera_encoder = None
+        self.camera_merges = nn.ModuleDict()
+        if config.camera_encoder:
+            self.camera_encoder = CameraEncoder(
+                channels, self.vae_scale, config.camera_encoder_blocks, config.camera_encoder_heads
+            )
+            for name, level, module in modules:
+                if level is None:
+                    continue
+                self.camera_merges[name] = CameraMerge(channels[level], module.proj_in.out_features)
+                module.proj_in.register_forward_hook(
+                    _CameraHook(self._state, self.camera_merges[name], level)
+                )
+
+        blocks = spatial_transformer_blocks(self.unet)
+        bad = [b for b in config.featurenerf_blocks if not 0 <= b < len(blocks)]
+        if bad:
+            raise ValueError(
+                f"featurenerf_blocks {bad} out of range: this UNet has {len(blocks)} transformer blocks"
+            )
+        self.pose_blocks = nn.ModuleDict()
+        for index in config.featurenerf_blocks:
+            dim = blocks[index].norm1.normalized_shape[0]
+            self.pose_blocks[str(index)] = PoseConditioning(dim, config)
+            blocks[index].register_forward_hook(_PoseHook(self._state, self.pose_blocks[str(index)], index))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def tiny(
+        cls, config: MVCustomConfig | None = None, seed: int = 0, prediction_type: str = "epsilon"
+    ) -> MVCustomModel:
+        """Random tiny model in SD 1.5's layout (tests, the demo)."""
+        return cls(tiny_components(seed, prediction_type), config or MVCustomConfig())
+
+    @classmethod
+    def from_sd15(
+        cls, pretrained: str, motion_adapter: str | None, config: MVCustomConfig | None = None, dtype=None
+    ) -> MVCustomModel:
+        """SD 1.5 (folder or hub id) + AnimateDiff motion adapter; additions freshly initialised."""
+        return cls(load_components(pretrained, motion_adapter, dtype), config or MVCustomConfig())
+
+    def save_pretrained(self, path: str) -> None:
+        """Write ``mvcustom_config.json`` (our config + every component's config),
+        ``model.safetensors`` (all weights) and ``tokenizer/`` to a local folder."""
+        from safetensors.torch import save_model
+
+        os.makedirs(path, exist_ok=True)
+        meta = {
+            "mvcustom": asdict(self.config),
+            "unet": dict(self.unet.config),
+            "vae": dict(self.vae.config),
+            "text_encoder": self.text_encoder.config.to_dict(),
+            "scheduler": self.scheduler_config,
+        }
+        with open(os.path.join(path, CONFIG_FILE), "w") as f:
+            json.dump(meta, f, indent=2, default=list)
+        self._base_tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+        save_model(self, os.path.join(path, WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None) -> MVCustomModel:
+        """Rebuild from a :meth:`save_pretrained` folder (local, or a hub id)."""
+        from diffusers import AutoencoderKL, UNetMotionModel
+        from safetensors.torch import load_model
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+        if not os.path.isdir(path):
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(path)
+        config_file = os.path.join(path, CONFIG_FILE)
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(
+                f"{path} has no {CONFIG_FILE}: not a folder written by MVCustomModel.save_pretrained"
+            )
+        with open(config_file) as f:
+            meta = json.load(f)
+        cfg = MVCustomConfig(**meta["mvcustom"])
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+        te_config = CLIPTextConfig(
+            **{k: v for k, v in meta["text_encoder"].items() if k != "transformers_version"}
+        )
+        components = Components(
+            unet=UNetMotionModel.from_config(meta["unet"]),
+            vae=AutoencoderKL.from_config(meta["vae"]),
+            text_encoder=CLIPTextModel(te_config),
+            tokenizer=tokenizer,
+            scheduler=meta["scheduler"],
+        )
+        model = cls(components, cfg)
+        load_model(model, os.path.join(path, WEIGHTS_FILE), strict=True)
+        if dtype is not None:
+            model.to(dtype)
+        return model
+
+    # ------------------------------------------------------------------ forward
+    def encode_prompt(self, prompts: list[str]) -> Tensor:
+        """Prompts -> ``(B, 77, D)`` CLIP hidden states (SD 1.5's conditioning)."""
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def _camera_features(self, cameras: ClipCameras | None) -> list[Tensor] | None:
+        if self.camera_encoder is None or cameras is None:
+            return None
+        plucker = clip_plucker(cameras.w2c.float(), cameras.K.float(), cameras.image_hw)
+        return self.camera_encoder(plucker.to(self.dtype))
+
+    def _unet(self, latents: Tensor, timesteps: Tensor, text: Tensor) -> Tensor:
+        """``latents (B, F, C, h, w)`` -> UNet output, same layout."""
+        self._state.latent_hw = tuple(latents.shape[-2:])
+        # UNetMotionModel wants the prompt per frame (AnimateDiffPipeline repeats it likewise).
+        text = text.to(self.dtype).repeat_interleave(latents.shape[1], dim=0)
+        out = self.unet(latents.permute(0, 2, 1, 3, 4), timesteps, text).sample
+        return out.permute(0, 2, 1, 3, 4)
+
+    def reference_features(self, references: References, text: Tensor, radius: int = 0) -> dict[int, Tensor]:
+        """Run the backbone on the clean reference latents (timestep 0, their own cameras as a
+        K-frame clip) and keep each pose-conditioned block's output. Reuse the result across
+        denoising steps by putting it in ``References.features``."""
+        if references.latents is None:
+            raise ValueError("references need latents to compute their features")
+        state = self._state
+        state.radius, state.tile = radius, self.config.stt_tile
+        state.camera_features = self._camera_features(references.cameras)
+        state.mode, state.captured = "capture", {}
+        B = references.latents.shape[0]
+        zeros = torch.zeros(B, dtype=torch.long, device=references.latents.device)
+        self._unet(references.latents.to(self.dtype), zeros, text)
+        state.mode = "plain"
+        return dict(state.captured)
+
+    def forward(
+        self,
+        latents: Tensor,
+        timesteps: Tensor,
+        encoder_hidden_states: Tensor,
+        cameras: ClipCameras | None = None,
+        references: References | None = None,
+        radius: int = 0,
+        near: Tensor | None = None,
+        far: Tensor | None = None,
+    ) -> DenoiseOutput:
+        """Denoise a batch of clips.
+
+        Args:
+            latents: ``(B, F, C, h, w)`` noisy latents. timesteps: ``(B,)``.
+            encoder_hidden_states: ``(B, 77, D)`` (:meth:`encode_prompt`).
+            cameras: target cameras (camera encoder and FeatureNeRF); ``None``: unconditioned.
+            references: the subject's reference views (FeatureNeRF); ``None``: plain backbone.
+            radius: STT radius in force (0 = AnimateDiff's temporal attention, -1 = full).
+            near, far: ``(B,)`` FeatureNeRF ray bounds (default: the config's).
+        """
+        if latents.ndim != 5:
+            raise ValueError(f"latents must have shape (B, F, C, h, w), got {tuple(latents.shape)}")
+        B, Fr = latents.shape[:2]
+        if cameras is not None and cameras.w2c.shape[:2] != (B, Fr):
+            raise ValueError(
+                f"cameras cover {tuple(cameras.w2c.shape[:2])} views for latents of (B, F) = {(B, Fr)}"
+            )
+        use_refs = references is not None and len(self.pose_blocks) > 0
+        if use_refs and cameras is None:
+            raise ValueError("FeatureNeRF conditioning needs the target cameras")
+        state = self._state
+        if use_refs and references.features is None:
+            references = References(
+                references.latents,
+                references.cameras,
+                self.reference_features(references, encoder_hidden_states, radius),
+            )
+        state.radius, state.tile = radius, self.config.stt_tile
+        state.camera_features = self._camera_features(cameras)
+        state.renders = {}
+        if use_refs:
+            # FeatureNeRF works in one world frame: express both camera sets relative to the
+            # clip's first target camera, like the camera encoder (rigid-motion invariance).
+            anchor = cameras.w2c[:, :1]
+            state.targets = ClipCameras(relative_to_first(cameras.w2c), cameras.K, cameras.image_hw)
+            inv_anchor = torch.linalg.inv(anchor.double()).to(cameras.w2c.dtype)
+            state.references = References(
+                None,
+                ClipCameras(
+                    references.cameras.w2c @ inv_anchor, references.cameras.K, references.cameras.image_hw
+                ),
+                references.features,
+            )
+            state.near, state.far = near, far
+            state.mode = "inject"
+        else:
+            state.mode = "plain"
+        sample = self._unet(latents.to(self.dtype), timesteps, encoder_hidden_states)
+        return DenoiseOutput(sample=sample, renders=dict(state.renders))
+
+    # ------------------------------------------------------------------ VAE
+    @property
+    def latent_scaling(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def encode_frames(self, frames: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``frames (B, F, 3, H, W)`` in ``[-1, 1]`` -> scaled latents ``(B, F, 4, H/8, W/8)``."""
+        B, Fr = frames.shape[:2]
+        dist = self.vae.encode(frames.reshape(B * Fr, *frames.shape[2:]).to(self.dtype)).latent_dist
+        latents = dist.sample(generator) * self.latent_scaling
+        return latents.reshape(B, Fr, *latents.shape[1:])
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Scaled latents ``(B, F, 4, h, w)`` -> frames ``(B, F, 3, 8h, 8w)`` in ``[-1, 1]``."""
+        B, Fr = latents.shape[:2]
+        frames = self.vae.decode(latents.reshape(B * Fr, *latents.shape[2:]) / self.latent_scaling).sample
+        return frames.reshape(B, Fr, *frames.shape[1:])
