@@ -454,3 +454,30 @@ def test_textual_inversion_loads_in_stock_diffusers_pipeline(tiny_model, tmp_pat
     # and the stock pipeline runs with the token in the prompt
     out = pipe("a photo of <sks>", num_inference_steps=2, height=64, width=64, output_type="np")
     assert out.images.shape == (1, 64, 64, 3)
+
+
+def test_build_model_from_config_and_stage2_start(tmp_path):
+    from mvcustom.configs.train import ModelConfig, TrainConfig
+    from mvcustom.models import build_model
+
+    cfg = ModelConfig(featurenerf_blocks=[4], prediction_type="v_prediction")
+    stage1 = build_model(cfg)
+    assert stage1.scheduler_config["prediction_type"] == "v_prediction"
+    assert list(stage1.pose_blocks) == ["4"] and stage1.camera_encoder is not None
+    assert TrainConfig.paper().model.camera_encoder is False
+    # the stage-1 export through an fsspec URL, then stage 2 adds its subject token to it
+    stage1.save_pretrained("memory://exports/stage1")
+    stage2 = build_model(
+        cfg, init_from="memory://exports/stage1", subject_tokens=["<v1>"], subject_init_words=["chair"]
+    )
+    assert stage2.config.subject_tokens == ["<v1>"]
+    s1, s2 = stage1.state_dict(), stage2.state_dict()
+    renamed = {k: k.replace(".token_embedding.weight", ".token_embedding.base.weight") for k in s1}
+    assert all(torch.equal(s1[k], s2[renamed[k]]) for k in s1)
+    extra = [k for k in s2 if k.endswith("token_embedding.extra")]
+    assert len(extra) == 1 and s2[extra[0]].shape[0] == 1
+    ids = stage2.tokenizer("chair", add_special_tokens=False).input_ids
+    base = stage2.text_encoder.get_input_embeddings().base.weight
+    assert torch.allclose(s2[extra[0]][0], base[ids].mean(0))
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        MVCustomModel.from_pretrained("memory://exports/none")

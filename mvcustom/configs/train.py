@@ -11,30 +11,44 @@ from mvcustom.configs.common import ClipConfig, MlflowConfig, RayConfig
 
 @dataclass
 class ModelConfig:
-    """Which model is built.
+    """Which model is built (``mvcustom.models.build_model``).
 
     Attributes:
-        size: ``tiny`` (random weights, seconds on CPU; tests and the demo) or ``sd15`` (SD 1.5
-            image layers + AnimateDiff motion modules, loaded from ``pretrained``/``motion_adapter``).
-        pretrained: ``from_pretrained`` folder or hub id of the Stable Diffusion 1.5 pipeline.
-        motion_adapter: ``from_pretrained`` folder or hub id of the AnimateDiff motion adapter.
+        size: ``tiny`` (random weights, SD 1.5's layout at tiny widths; tests and the demo) or
+            ``sd15`` (SD 1.5 image layers + AnimateDiff motion modules from ``pretrained`` and
+            ``motion_adapter``).
+        pretrained: ``from_pretrained`` folder or hub id: for ``sd15`` the Stable Diffusion 1.5
+            pipeline; for either size, an ``MVCustomModel.save_pretrained`` folder (e.g. the
+            stage-1 export) is also accepted and wins over ``size``.
+        motion_adapter: ``from_pretrained`` folder or hub id of the AnimateDiff motion adapter
+            (``sd15`` only).
+        prediction_type: ``epsilon`` (SD 1.5) or ``v_prediction``.
         camera_encoder: CameraCtrl-style Plücker encoder in the motion modules (our addition
-            beyond the paper; the ``paper`` recipe turns it off, DESIGN.md §1).
+            beyond the paper; the ``paper`` preset turns it off, DESIGN.md §1).
         stt_radius_schedule: progressive dense spatio-temporal attention: ``[[step, radius], ...]``
-            (radius in latent pixels; -1 = full feature map); the radius in force at a step is
-            the last entry whose step is <= it.
-        featurenerf_blocks: indices (0-15) of the transformer blocks that carry the FeatureNeRF
-            branch in stage 2.
+            (radius in latent pixels of each motion module's map; -1 = full feature map); the
+            radius in force at a step is the last entry whose step is <= it.
+        stt_tile: query tile of windowed STT (``null``: ``min(2r+1, 4)``).
+        featurenerf_blocks: indices (0-15, forward order: down 0-5, middle 6, up 7-15) of the
+            spatial transformer blocks that carry the FeatureNeRF branch (default: the 7
+            lowest-resolution ones; the paper's list is not reachable, PAPER.md §3).
+        nerf_samples: samples per ray (CD360: 24). near, far: ray bounds in clip units (CO3D
+            clips are normalised to mean camera distance 1).
     """
 
     size: Literal["tiny", "sd15"] = "tiny"
     pretrained: str | None = None
     motion_adapter: str | None = None
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     camera_encoder: bool = True
     stt_radius_schedule: list[tuple[int, int]] = field(
         default_factory=lambda: [(0, 0), (1000, 1), (3000, 2), (6000, -1)]
     )
+    stt_tile: int | None = None
     featurenerf_blocks: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8, 9, 10])
+    nerf_samples: int = 24
+    near: float = 0.2
+    far: float = 2.0
 
     def __post_init__(self) -> None:
         steps = [s for s, _ in self.stt_radius_schedule]
@@ -54,6 +68,9 @@ class ModelConfig:
             self.size == "tiny" or self.pretrained is not None,
             "model.pretrained is required unless model.size is tiny",
         )
+        check(0 < self.near < self.far, "model.near and model.far need 0 < near < far")
+        check(self.nerf_samples >= 2, "model.nerf_samples must be >= 2")
+        check(self.stt_tile is None or self.stt_tile >= 1, "model.stt_tile must be >= 1 or null")
 
 
 @dataclass
@@ -129,7 +146,7 @@ class TrainConfig:
         seed: global seed (ranks derive theirs from it).
     """
 
-    PRESETS = ("debug",)
+    PRESETS = ("debug", "paper")
 
     stage: Literal["backbone", "customize"] = "backbone"
     shards: list[str] = field(default_factory=list)
@@ -159,6 +176,11 @@ class TrainConfig:
             self.stage == "backbone" or self.init_from is not None or self.model.size == "tiny",
             "stage customize needs init_from (the stage-1 export) unless the model is tiny",
         )
+
+    @classmethod
+    def paper(cls) -> TrainConfig:
+        """The paper's configuration: camera control only through FeatureNeRF (no Plücker encoder)."""
+        return cls(model=ModelConfig(camera_encoder=False))
 
     @classmethod
     def debug(cls) -> TrainConfig:

@@ -14,10 +14,14 @@ softmax). So
 * ``r >= max(H, W) - 1`` (or ``r < 0``, "full") is full 3D attention over ``F * H * W`` tokens.
 
 Memory: the windowed case never forms an ``(F*H*W)^2`` mask. The map is cut into ``T x T``
-query tiles (``T = 2r + 1`` by default); each tile attends to its halo ``(T + 2r)^2`` in every
+query tiles; each tile attends to its halo ``(T + 2r)^2`` in every
 frame with a tile-local mask of size ``(T^2 F) x ((T + 2r)^2 F)`` (HaloNet's blocked local
-attention). Scores and keys therefore grow with the window, not with the map. SDPA picks the
-fused kernel the device offers (memory-efficient attention accepts the mask on CUDA).
+attention). Scores and keys therefore grow with the window, not with the map. ``T`` trades
+wasted scores (``(T + 2r)^2`` computed per query against ``(2r + 1)^2`` needed) for duplicated
+keys (``(T + 2r)^2 / T^2`` copies); ``T = min(2r + 1, 4)`` was fastest on CPU at 32x32 latents
+(see ``benchmarks/attention.py``) and is a config knob (``MVCustomConfig.stt_tile``). SDPA
+picks the fused kernel the device offers (CUDA's memory-efficient kernel takes the mask). Cost
+not yet removed: the boolean mask is built per tile, ``H*W*F * (T+2r)^2*F`` entries per call.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ def spatio_temporal_attention(
         radius: window radius in feature-map pixels; ``0`` = 1D temporal attention,
             ``-1`` or ``>= max(H, W) - 1`` = full 3D attention.
         scale: softmax scale (default ``head_dim ** -0.5``).
-        tile: query tile side for the windowed case (default ``2 * radius + 1``).
+        tile: query tile side for the windowed case (default ``min(2 * radius + 1, 4)``).
     Returns:
         ``(B, heads, H, W, F, head_dim)``.
     """
@@ -63,14 +67,20 @@ def spatio_temporal_attention(
             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
         )
     B, nh, H, W, Fr, d = query.shape
+    # The reshapes below are views when the inputs are permuted views of (B, H, W, F, heads, d)
+    # memory, which is how the processor produces them (no copies on the r = 0 and full paths).
     if radius == 0:
-        flat = [x.reshape(B, nh * H * W, Fr, d) for x in (query, key, value)]
-        return F.scaled_dot_product_attention(*flat, scale=scale).reshape(B, nh, H, W, Fr, d)
-    if is_full(radius, H, W):
-        flat = [x.reshape(B, nh, H * W * Fr, d) for x in (query, key, value)]
+        flat = [x.permute(0, 2, 3, 1, 4, 5).reshape(B * H * W, nh, Fr, d) for x in (query, key, value)]
         out = F.scaled_dot_product_attention(*flat, scale=scale)
-        return out.reshape(B, nh, H, W, Fr, d)
-    return _halo_attention(query, key, value, radius, scale, tile or (2 * radius + 1))
+        return out.reshape(B, H, W, nh, Fr, d).permute(0, 3, 1, 2, 4, 5)
+    if is_full(radius, H, W):
+        flat = [
+            x.permute(0, 2, 3, 4, 1, 5).reshape(B, H * W * Fr, nh, d).transpose(1, 2)
+            for x in (query, key, value)
+        ]
+        out = F.scaled_dot_product_attention(*flat, scale=scale)
+        return out.transpose(1, 2).reshape(B, H, W, Fr, nh, d).permute(0, 4, 1, 2, 3, 5)
+    return _halo_attention(query, key, value, radius, scale, tile or min(2 * radius + 1, 4))
 
 
 def _halo_mask(H: int, W: int, Fr: int, radius: int, T: int, device) -> Tensor:

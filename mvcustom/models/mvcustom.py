@@ -26,6 +26,7 @@ carry layout rather than texture; CD360 (SDXL) instead uses every second block.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -39,7 +40,7 @@ from mvcustom.models.attention import SpatioTemporalAttnProcessor
 from mvcustom.models.camera_encoder import CameraEncoder, clip_plucker, relative_to_first
 from mvcustom.models.components import Components, load_components, tiny_components
 from mvcustom.models.featurenerf import FeatureNeRF, RenderOutput
-from mvcustom.models.text import add_subject_tokens
+from mvcustom.models.text import add_subject_tokens, init_subject_rows
 
 Tensor = torch.Tensor
 
@@ -338,54 +339,81 @@ class MVCustomModel(nn.Module):
 
     def save_pretrained(self, path: str) -> None:
         """Write ``mvcustom_config.json`` (our config + every component's config),
-        ``model.safetensors`` (all weights) and ``tokenizer/`` to a local folder."""
+        ``model.safetensors`` (all weights) and ``tokenizer/`` to a folder (local or fsspec URL)."""
         from safetensors.torch import save_model
 
-        os.makedirs(path, exist_ok=True)
-        meta = {
-            "mvcustom": asdict(self.config),
-            "unet": dict(self.unet.config),
-            "vae": dict(self.vae.config),
-            "text_encoder": self.text_encoder.config.to_dict(),
-            "scheduler": self.scheduler_config,
-        }
-        with open(os.path.join(path, CONFIG_FILE), "w") as f:
-            json.dump(meta, f, indent=2, default=list)
-        self._base_tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
-        save_model(self, os.path.join(path, WEIGHTS_FILE))
+        with _local_folder(path, write=True) as local:
+            meta = {
+                "mvcustom": asdict(self.config),
+                "unet": dict(self.unet.config),
+                "vae": dict(self.vae.config),
+                "text_encoder": self.text_encoder.config.to_dict(),
+                "scheduler": self.scheduler_config,
+            }
+            with open(os.path.join(local, CONFIG_FILE), "w") as f:
+                json.dump(meta, f, indent=2, default=list)
+            self._base_tokenizer.save_pretrained(os.path.join(local, "tokenizer"))
+            save_model(self, os.path.join(local, WEIGHTS_FILE))
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None) -> MVCustomModel:
-        """Rebuild from a :meth:`save_pretrained` folder (local, or a hub id)."""
+    def from_pretrained(
+        cls,
+        path: str,
+        dtype: torch.dtype | None = None,
+        subject_tokens: list[str] | None = None,
+        subject_init_words: list[str] | None = None,
+    ) -> MVCustomModel:
+        """Rebuild from a :meth:`save_pretrained` folder (local path, fsspec URL or hub id).
+
+        ``subject_tokens`` replaces the saved model's subject tokens (stage 2 starting from the
+        stage-1 export): everything else loads strictly, the new tokens start from
+        ``subject_init_words`` (or random).
+        """
         from diffusers import AutoencoderKL, UNetMotionModel
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-        if not os.path.isdir(path):
-            from huggingface_hub import snapshot_download
-
-            path = snapshot_download(path)
-        config_file = os.path.join(path, CONFIG_FILE)
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(
-                f"{path} has no {CONFIG_FILE}: not a folder written by MVCustomModel.save_pretrained"
+        with _local_folder(path, write=False) as local:
+            config_file = os.path.join(local, CONFIG_FILE)
+            if not os.path.isfile(config_file):
+                raise FileNotFoundError(
+                    f"{path} has no {CONFIG_FILE}: not a folder written by MVCustomModel.save_pretrained"
+                )
+            with open(config_file) as f:
+                meta = json.load(f)
+            cfg = MVCustomConfig(**meta["mvcustom"])
+            retoken = subject_tokens is not None and list(subject_tokens) != cfg.subject_tokens
+            if retoken:
+                cfg.subject_tokens = list(subject_tokens)
+                cfg.subject_init_words = list(subject_init_words or [])
+                cfg.__post_init__()
+            te_config = CLIPTextConfig(
+                **{k: v for k, v in meta["text_encoder"].items() if k != "transformers_version"}
             )
-        with open(config_file) as f:
-            meta = json.load(f)
-        cfg = MVCustomConfig(**meta["mvcustom"])
-        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
-        te_config = CLIPTextConfig(
-            **{k: v for k, v in meta["text_encoder"].items() if k != "transformers_version"}
-        )
-        components = Components(
-            unet=UNetMotionModel.from_config(meta["unet"]),
-            vae=AutoencoderKL.from_config(meta["vae"]),
-            text_encoder=CLIPTextModel(te_config),
-            tokenizer=tokenizer,
-            scheduler=meta["scheduler"],
-        )
-        model = cls(components, cfg)
-        load_model(model, os.path.join(path, WEIGHTS_FILE), strict=True)
+            components = Components(
+                unet=UNetMotionModel.from_config(meta["unet"]),
+                vae=AutoencoderKL.from_config(meta["vae"]),
+                text_encoder=CLIPTextModel(te_config),
+                tokenizer=CLIPTokenizer.from_pretrained(os.path.join(local, "tokenizer")),
+                scheduler=meta["scheduler"],
+            )
+            model = cls(components, cfg)
+            state = load_file(os.path.join(local, WEIGHTS_FILE))
+        token_rows = {k for k in (*state, *model.state_dict()) if k.endswith("token_embedding.extra")}
+        if retoken:
+            # the pretrained vocabulary is `token_embedding.weight` without subject tokens and
+            # `token_embedding.base.weight` with them; the subject rows themselves start fresh
+            wanted = model.state_dict().keys()
+            state = {_embedding_key(k, wanted): v for k, v in state.items() if k not in token_rows}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        allowed = token_rows if retoken else set()
+        if set(missing) - allowed or unexpected:
+            raise ValueError(
+                f"{path}: weights do not match the saved config (missing {sorted(set(missing) - allowed)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]})"
+            )
+        if retoken and cfg.subject_tokens:  # initialise from the *loaded* vocabulary
+            init_subject_rows(model.tokenizer, model.text_encoder, cfg.subject_init_words or None)
         if dtype is not None:
             model.to(dtype)
         return model
@@ -518,3 +546,40 @@ class MVCustomModel(nn.Module):
         B, Fr = latents.shape[:2]
         frames = self.vae.decode(latents.reshape(B * Fr, *latents.shape[2:]) / self.latent_scaling).sample
         return frames.reshape(B, Fr, *frames.shape[1:])
+
+
+def _embedding_key(key: str, wanted) -> str:
+    for plain, wrapped in ((".token_embedding.weight", ".token_embedding.base.weight"),):
+        if key.endswith(plain) and key not in wanted and key.replace(plain, wrapped) in wanted:
+            return key.replace(plain, wrapped)
+        if key.endswith(wrapped) and key not in wanted and key.replace(wrapped, plain) in wanted:
+            return key.replace(wrapped, plain)
+    return key
+
+
+@contextlib.contextmanager
+def _local_folder(path: str, write: bool):
+    """A local folder standing for ``path``: itself when local; for an fsspec URL a temporary
+    copy (downloaded before, or uploaded after when ``write``); a hub id is downloaded."""
+    if "://" not in path:
+        if write:
+            os.makedirs(path, exist_ok=True)
+        elif not os.path.isdir(path):
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(path)
+        yield path
+        return
+    import tempfile
+
+    import fsspec
+
+    fs, remote = fsspec.core.url_to_fs(path)
+    with tempfile.TemporaryDirectory(prefix="mvcustom-model-") as tmp:
+        if not write:
+            if not fs.isdir(remote):
+                raise FileNotFoundError(f"{path} is not a folder")
+            fs.get(remote.rstrip("/") + "/", tmp, recursive=True)
+        yield tmp
+        if write:
+            fs.put(tmp.rstrip("/") + "/", remote, recursive=True)

@@ -128,17 +128,26 @@ def add_subject_tokens(
             f"tokenizer's ({vocab_before}); use the tokenizer saved with this text encoder"
         )
     wrapped = SubjectEmbedding(embeddings, len(tokens))
-    with torch.no_grad():
-        if init_words is None:
-            wrapped.extra.normal_(0, float(embeddings.weight.std()))
-        else:
-            for row, word in enumerate(init_words):
-                word_ids = tokenizer(word, add_special_tokens=False).input_ids
-                if not word_ids:
-                    raise ValueError(f"initializer word {word!r} tokenizes to nothing")
-                wrapped.extra[row] = embeddings.weight[word_ids].mean(0)
     text_encoder.set_input_embeddings(wrapped)
+    init_subject_rows(tokenizer, text_encoder, init_words)
     return ids
+
+
+def init_subject_rows(tokenizer, text_encoder, init_words: list[str] | None = None) -> None:
+    """(Re)initialise the subject rows from the current pretrained rows: each to the mean
+    embedding of its ``init_words`` entry, or to random vectors of the vocabulary's scale."""
+    emb = text_encoder.get_input_embeddings()
+    if not isinstance(emb, SubjectEmbedding):
+        raise ValueError("the text encoder carries no subject tokens")
+    with torch.no_grad():
+        if not init_words:
+            emb.extra.normal_(0, float(emb.base.weight.std()))
+            return
+        for row, word in enumerate(init_words):
+            word_ids = tokenizer(word, add_special_tokens=False).input_ids
+            if not word_ids:
+                raise ValueError(f"initializer word {word!r} tokenizes to nothing")
+            emb.extra[row] = emb.base.weight[word_ids].mean(0)
 
 
 def subject_vectors(tokenizer, text_encoder) -> dict[str, Tensor]:
