@@ -481,3 +481,26 @@ def test_build_model_from_config_and_stage2_start(tmp_path):
     assert torch.allclose(s2[extra[0]][0], base[ids].mean(0))
     with pytest.raises(FileNotFoundError, match="not a folder"):
         MVCustomModel.from_pretrained("memory://exports/none")
+
+
+def test_bf16_forward_with_every_branch(tiny_model):
+    """The dtype path GPUs take: bf16 weights, fp32 geometry inside FeatureNeRF and Plücker maps."""
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    cams, refs = clip_cameras(2), References(torch.randn(1, 2, 4, 8, 8), clip_cameras(2, start_deg=90.0))
+    with torch.no_grad():
+        text = model.encode_prompt(["a <sks>"])
+        out = model(torch.randn(1, 2, 4, 8, 8), torch.tensor([50]), text, cams, refs, radius=1)
+    assert out.sample.dtype == torch.bfloat16 and torch.isfinite(out.sample.float()).all()
+    assert all(torch.isfinite(r.depth).all() for r in out.renders.values())
+
+
+def test_library_imports_no_launchers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mvcustom.models, mvcustom.models.objective, mvcustom.geometry, mvcustom.data.reader; "
+        "bad = [m for m in ('ray', 'deepspeed', 'mlflow') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
