@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from mvcustom.configs.base import flatten, to_dict
 from mvcustom.configs.common import MlflowConfig
-
-
-def tracking_uri(cfg: MlflowConfig) -> str:
-    """Config, else ``$MLFLOW_TRACKING_URI``, else a sqlite store in the working directory
-    (MLflow 3 refuses a plain ``./mlruns`` file store without an opt-in)."""
-    return (
-        cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    )
+from mvcustom.training.tracking import tracking_uri
 
 
 def log_job(

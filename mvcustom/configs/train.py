@@ -131,6 +131,35 @@ class ScalingConfig:
 
 
 @dataclass
+class TrainDataConfig:
+    """How training examples are drawn from the shards (``mvcustom.training.data``).
+
+    Attributes:
+        shuffle_buffer: per-rank sample shuffle buffer.
+        num_references: stage 2: reference views taken from each clip besides its target
+            frames (CD360 uses 5).
+        prompt_template: stage 1 prompt; ``{caption}``, ``{category}``, ``{token}`` are filled in.
+        prompt_template_customize: stage 2 prompt (the subject token with its class word).
+        subject_init_word: stage 2: the word whose embedding initialises the subject token
+            (``null``: random).
+        min_rotation_deg: drop clips whose preprocessing-recorded camera rotation is smaller
+            (static shots; 0 keeps everything, clips without the figure are kept).
+    """
+
+    shuffle_buffer: int = 64
+    num_references: int = 5
+    prompt_template: str = "{caption}"
+    prompt_template_customize: str = "a photo of {token} {category}"
+    subject_init_word: str | None = None
+    min_rotation_deg: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
+        check(self.num_references >= 1, "data.num_references must be >= 1")
+        check(self.min_rotation_deg >= 0, "data.min_rotation_deg must be >= 0")
+
+
+@dataclass
 class TrainConfig:
     """A training run.
 
@@ -143,7 +172,11 @@ class TrainConfig:
         subject_token: the textual-inversion token (stage 2).
         batch_size: clips per rank per micro-batch. max_steps: optimizer steps.
         checkpoint_every: steps between checkpoints. sample_every: steps between sample grids.
+        sample_steps: DDIM steps of those samples.
         seed: global seed (ranks derive theirs from it).
+        max_failures: worker-group restarts from the latest checkpoint before the job fails
+            (Ray Train ``FailureConfig``; -1: unlimited).
+        keep_checkpoints: checkpoints kept in storage (the newest ones).
     """
 
     PRESETS = ("debug", "paper")
@@ -157,9 +190,13 @@ class TrainConfig:
     max_steps: int = 1000
     checkpoint_every: int = 200
     sample_every: int = 500
+    sample_steps: int = 25
     seed: int = 0
+    max_failures: int = 2
+    keep_checkpoints: int = 3
     clip: ClipConfig = field(default_factory=ClipConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
@@ -176,6 +213,12 @@ class TrainConfig:
             self.stage == "backbone" or self.init_from is not None or self.model.size == "tiny",
             "stage customize needs init_from (the stage-1 export) unless the model is tiny",
         )
+        check(self.sample_steps >= 1, "sample_steps must be >= 1")
+        check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        check(
+            self.stage == "backbone" or self.model.featurenerf_blocks or self.subject_token,
+            "stage customize needs model.featurenerf_blocks or a subject_token",
+        )
 
     @classmethod
     def paper(cls) -> TrainConfig:
@@ -188,7 +231,9 @@ class TrainConfig:
             max_steps=4,
             checkpoint_every=2,
             sample_every=4,
-            clip=ClipConfig(num_frames=4, height=32, width=32),
+            sample_steps=2,
+            clip=ClipConfig(num_frames=4, height=64, width=64),
             model=ModelConfig(stt_radius_schedule=[(0, 0), (2, -1)]),
+            data=TrainDataConfig(shuffle_buffer=4, num_references=2),
             optim=OptimConfig(warmup_steps=1),
         )

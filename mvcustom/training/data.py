@@ -1,0 +1,195 @@
+"""Training batches from shards: a deterministic, resumable, per-rank stream.
+
+Each rank reads a disjoint part of the data: with at least as many shards as ranks, rank ``r``
+owns shards ``r, r + W, ...`` of each epoch's (seeded) shard order; with fewer shards, every rank
+reads all of them and keeps samples ``i`` with ``i % W == r``. Within a rank, samples pass a
+seeded shuffle buffer. The stream is a pure function of ``(seed, rank, world size)``, so a
+resumed run skips the samples it already consumed (``step * micro_batches * batch_size``) and
+continues exactly where the stopped run was (tested bit-exact).
+
+Per sample (DESIGN.md §3 schema, via :func:`mvcustom.data.reader.to_tensors`): choose
+``num_frames`` frames (evenly spread over the clip, a random offset when the clip is longer),
+resize to the configured size (intrinsics scaled exactly), and for stage 2 split the clip into
+target frames and ``num_references`` reference frames (the subject's other views). The prompt
+is the caption (stage 1) or ``prompt_template`` filled with the subject token and category.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from mvcustom.data.reader import _register_fsspec_schemes, expand_shards, to_tensors
+
+
+def rank_shards(shards: list[str], epoch: int, seed: int, rank: int, world: int) -> tuple[list[str], bool]:
+    """This rank's shards for an epoch and whether it must also split by sample index."""
+    order = list(shards)
+    random.Random(f"{seed}-{epoch}").shuffle(order)
+    if len(order) >= world:
+        return order[rank::world], False
+    return order, True
+
+
+def sample_stream(
+    shards: list[str] | str, seed: int, rank: int, world: int, shuffle_buffer: int = 64
+) -> Iterator[dict]:
+    """Endless stream of decoded samples for one rank (see the module docstring)."""
+    import webdataset as wds
+
+    _register_fsspec_schemes()
+    urls = expand_shards(shards)
+    epoch = 0
+    while True:
+        mine, by_index = rank_shards(urls, epoch, seed, rank, world)
+        rng = random.Random(f"{seed}-{rank}-{epoch}")
+        buffer: list[dict] = []
+        ds = wds.WebDataset(
+            mine, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
+        )
+        yielded = False
+        for i, raw in enumerate(ds):
+            if by_index and i % world != rank:
+                continue
+            buffer.append(raw)
+            if len(buffer) >= max(shuffle_buffer, 1):
+                yielded = True
+                yield to_tensors(buffer.pop(rng.randrange(len(buffer))))
+        rng.shuffle(buffer)
+        for raw in buffer:
+            yielded = True
+            yield to_tensors(raw)
+        if not yielded:
+            raise ValueError(
+                f"rank {rank} of {world} got no samples from {len(urls)} shards in epoch {epoch}"
+            )
+        epoch += 1
+
+
+def select_frames(num_available: int, num: int, rng: random.Random) -> list[int]:
+    """``num`` frame indices spread evenly over a random window of the clip."""
+    if num_available < num:
+        raise ValueError(f"clip has {num_available} frames, {num} needed (lower clip.num_frames)")
+    stride = max(1, num_available // num)
+    span = stride * (num - 1) + 1
+    start = rng.randrange(num_available - span + 1)
+    return [start + i * stride for i in range(num)]
+
+
+def resize_sample(sample: dict, height: int, width: int) -> dict:
+    """Resize frames/masks/depth to ``height x width`` (no crop: shards already have the aspect)
+    and scale the intrinsics exactly (corner-origin pixels: ``K' = diag(sx, sy, 1) K``)."""
+    frames = sample["frames"]
+    H, W = frames.shape[-2:]
+    if (H, W) == (height, width):
+        return sample
+    out = dict(sample)
+    out["frames"] = F.interpolate(
+        frames, size=(height, width), mode="bilinear", antialias=True, align_corners=False
+    )
+    for key in ("mask", "depth"):
+        if key in sample:
+            out[key] = F.interpolate(sample[key][:, None], size=(height, width), mode="nearest")[:, 0]
+    if "intrinsics" in sample:
+        scale = torch.tensor([width / W, height / H, 1.0], dtype=sample["intrinsics"].dtype)
+        out["intrinsics"] = sample["intrinsics"] * scale[:, None]
+    return out
+
+
+def _take(sample: dict, idx: list[int]) -> dict:
+    keys = ("frames", "intrinsics", "extrinsics", "mask", "depth")
+    return {k: sample[k][idx] for k in keys if k in sample}
+
+
+def make_example(
+    sample: dict,
+    stage: str,
+    num_frames: int,
+    height: int,
+    width: int,
+    rng: random.Random,
+    num_references: int = 0,
+    subject_token: str = "",
+    prompt_template: str = "{caption}",
+) -> dict:
+    """One training example (unbatched) from one decoded shard sample."""
+    sample = resize_sample(sample, height, width)
+    meta = sample.get("meta", {})
+    n = sample["frames"].shape[0]
+    if stage == "customize":
+        if "extrinsics" not in sample:
+            raise ValueError(f"sample {sample.get('key')}: stage customize needs posed clips")
+        idx = select_frames(n, num_frames + num_references, rng)
+        rng.shuffle(idx)
+        refs, targets = sorted(idx[:num_references]), sorted(idx[num_references:])
+        ex = _take(sample, targets)
+        ref = _take(sample, refs)
+        ex.update(
+            {
+                f"reference_{k}": v
+                for k, v in ref.items()
+                if k in ("frames", "intrinsics", "extrinsics", "mask")
+            }
+        )
+    else:
+        ex = _take(sample, select_frames(n, num_frames, rng))
+    category = meta.get("category") or ""
+    ex["caption"] = prompt_template.format(
+        caption=sample.get("caption", ""), token=subject_token, category=category
+    ).strip()
+    ex["key"] = sample.get("key", "")
+    return ex
+
+
+def collate(examples: list[dict]) -> dict:
+    """Stack a micro-batch. Camera and mask entries are kept only when every example has them."""
+    out: dict = {"caption": [e["caption"] for e in examples], "key": [e["key"] for e in examples]}
+    for k in examples[0]:
+        if k in ("caption", "key"):
+            continue
+        if all(k in e for e in examples):
+            out[k] = torch.stack([e[k] for e in examples])
+    return out
+
+
+def batch_stream(
+    shards: list[str] | str,
+    stage: str,
+    batch_size: int,
+    num_frames: int,
+    height: int,
+    width: int,
+    seed: int,
+    rank: int,
+    world: int,
+    skip_batches: int = 0,
+    shuffle_buffer: int = 64,
+    num_references: int = 0,
+    subject_token: str = "",
+    prompt_template: str = "{caption}",
+    min_rotation_deg: float = 0.0,
+) -> Iterator[dict]:
+    """Endless micro-batches for one rank; ``skip_batches`` fast-forwards a resumed run.
+
+    ``min_rotation_deg`` drops clips whose recorded camera motion (``json.camera_motion``, from
+    preprocessing) rotates less (static shots teach no viewpoint change, DESIGN.md §1).
+    """
+    rng = random.Random(f"frames-{seed}-{rank}")
+    batch: list[dict] = []
+    produced = 0
+    for sample in sample_stream(shards, seed, rank, world, shuffle_buffer):
+        motion = (sample.get("meta") or {}).get("camera_motion") or {}
+        if min_rotation_deg > 0 and motion.get("max_rotation_deg", float("inf")) < min_rotation_deg:
+            continue
+        ex = make_example(
+            sample, stage, num_frames, height, width, rng, num_references, subject_token, prompt_template
+        )
+        batch.append(ex)
+        if len(batch) == batch_size:
+            if produced >= skip_batches:
+                yield collate(batch)
+            produced += 1
+            batch = []

@@ -1,0 +1,252 @@
+"""The one training loop, for both stages, against a :class:`TrainContext` (DESIGN.md §6.11).
+
+Per optimizer step: the STT radius of the schedule, ``grad_accum`` micro-batches through the
+DeepSpeed engine, then (rank 0) loss / lr / samples per second / data-wait fraction to MLflow.
+Every ``sample_every`` steps all ranks sample a clip (ZeRO-3 gathers collectively) and rank 0
+logs the grid; every ``checkpoint_every`` steps (and at the end) each rank writes its ZeRO shard
+with ``engine.save_checkpoint`` and reports the folder (Ray Train merges the ranks' folders).
+
+Determinism: the model is built from the seed on every rank; each micro-step's noise, timesteps
+and stratified ray samples come from a seed of ``(seed, rank, step, micro)``; the data stream is a
+pure function of ``(seed, rank, world)`` and is fast-forwarded on resume. So a stopped and resumed
+run continues exactly as an uninterrupted one (tested).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+from mvcustom.configs.base import to_dict
+from mvcustom.models import build_model
+from mvcustom.models.attention import radius_at
+from mvcustom.models.objective import noise_scheduler, set_trainable
+from mvcustom.training.context import TrainContext
+from mvcustom.training.data import batch_stream
+from mvcustom.training.engine import TrainStep, build_engine
+
+CHECKPOINT_TAG = "zero"
+MARKER = "mvcustom_checkpoint.json"
+
+
+def _seed(seed: int, rank: int, step: int, micro: int) -> int:
+    return (seed * 1_000_003 + rank * 7_919 + step * 131 + micro) % (2**63 - 1)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def init_distributed(ctx: TrainContext) -> None:
+    """Join (or, in a plain single process, create) the process group DeepSpeed uses."""
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        os.environ.setdefault("RANK", str(ctx.rank))
+        os.environ.setdefault("WORLD_SIZE", str(ctx.world_size))
+        os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))
+    deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
+
+
+def _localize(path: str, held: list) -> str:
+    """A local folder for a checkpoint that may live in object storage."""
+    if "://" not in path:
+        return path
+    import fsspec
+
+    fs, remote = fsspec.core.url_to_fs(path)
+    tmp = tempfile.TemporaryDirectory(prefix="mvcustom-resume-")
+    held.append(tmp)
+    fs.get(remote.rstrip("/") + "/", tmp.name, recursive=True)
+    return tmp.name
+
+
+def _subject_words(cfg) -> list[str] | None:
+    return [cfg.data.subject_init_word] if cfg.data.subject_init_word else None
+
+
+def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
+    """Train ``cfg`` (a :class:`mvcustom.configs.train.TrainConfig`) on this rank.
+
+    ``tracker``: an object with ``log_metrics(dict, step)``, ``log_image(array, name)`` and
+    ``log_artifacts(local_dir, name)``, used on rank 0 only (``None``: no tracking).
+    Returns the last step's figures (and ``export`` on rank 0).
+    """
+    init_distributed(ctx)
+    torch.manual_seed(cfg.seed)
+    customize = cfg.stage == "customize"
+    model = build_model(
+        cfg.model,
+        init_from=cfg.init_from,
+        subject_tokens=[cfg.subject_token] if customize else None,
+        subject_init_words=_subject_words(cfg) if customize else None,
+    )
+    params = set_trainable(model, cfg.stage)
+    engine = build_engine(TrainStep(model, cfg.stage, noise_scheduler(model)), params, cfg, ctx.device)
+    held: list = []
+    start = 0
+    resume = ctx.latest_checkpoint()
+    if resume:
+        local = _localize(resume, held)
+        _, client = engine.load_checkpoint(local, tag=CHECKPOINT_TAG)
+        start = int(client["step"])
+    accum = cfg.optim.grad_accum
+    batches = batch_stream(
+        cfg.shards,
+        cfg.stage,
+        cfg.batch_size,
+        cfg.clip.num_frames,
+        cfg.clip.height,
+        cfg.clip.width,
+        cfg.seed,
+        ctx.rank,
+        ctx.world_size,
+        skip_batches=start * accum,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        num_references=cfg.data.num_references if customize else 0,
+        subject_token=cfg.subject_token,
+        prompt_template=cfg.data.prompt_template_customize if customize else cfg.data.prompt_template,
+        min_rotation_deg=cfg.data.min_rotation_deg,
+    )
+    figures: dict = {}
+    sample_batch = None
+    for step in range(start, cfg.max_steps):
+        radius = radius_at(cfg.model.stt_radius_schedule, step)
+        t_step = time.perf_counter()
+        wait = 0.0
+        losses: list[float] = []
+        for micro in range(accum):
+            t0 = time.perf_counter()
+            batch = _to_device(next(batches), ctx.device)
+            wait += time.perf_counter() - t0
+            sample_batch = sample_batch or batch
+            seed = _seed(cfg.seed, ctx.rank, step, micro)
+            torch.manual_seed(seed)  # anything drawing from the global RNG (stratified rays)
+            generator = torch.Generator(device=ctx.device).manual_seed(seed)
+            loss, parts = engine(batch, radius, generator)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()))
+        elapsed = time.perf_counter() - t_step
+        mean_loss = torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
+        torch.distributed.all_reduce(mean_loss)
+        figures = {
+            "step": step + 1,
+            "loss": float(mean_loss) / ctx.world_size,
+            "lr": float(engine.get_lr()[0]),
+            "stt_radius": radius,
+            "samples_per_s": ctx.world_size * cfg.batch_size * accum / elapsed,
+            "data_wait_fraction": wait / elapsed,
+            **{f"rank0_{k}": v for k, v in parts.items() if k != "loss"},
+        }
+        if tracker is not None and ctx.is_main:
+            tracker.log_metrics({k: v for k, v in figures.items() if k != "step"}, step + 1)
+        last = step + 1 == cfg.max_steps
+        if (step + 1) % cfg.sample_every == 0 or last:
+            grid = sample_grid(model, sample_batch, cfg, radius)
+            if tracker is not None and ctx.is_main:
+                tracker.log_image(grid, f"samples/step_{step + 1:08d}.png")
+        if (step + 1) % cfg.checkpoint_every == 0 or last:
+            with tempfile.TemporaryDirectory(prefix="mvcustom-ckpt-") as d:
+                engine.save_checkpoint(d, tag=CHECKPOINT_TAG, client_state={"step": step + 1})
+                if ctx.is_main:
+                    with open(os.path.join(d, MARKER), "w") as f:
+                        json.dump(
+                            {"step": step + 1, "stage": cfg.stage, "config": to_dict(cfg)}, f, default=list
+                        )
+                ctx.report(figures, d)
+    export = export_model(engine, model, params, cfg, ctx)
+    if export and tracker is not None:
+        tracker.log_artifacts(export, "export")
+        tracker.record_in_export(cfg.output.rstrip("/") + "/export")
+    for h in held:
+        h.cleanup()
+    return {**figures, "export": cfg.output.rstrip("/") + "/export" if ctx.is_main else None}
+
+
+@torch.no_grad()
+def sample_grid(model, batch: dict, cfg, radius: int):
+    """A few-step DDIM sample of the first clip of ``batch`` (its prompt and cameras) above the
+    real frames, as a uint8 grid. Runs on every rank (ZeRO-3 gathers weights collectively)."""
+    from mvcustom.inference.sampler import ddim_sample, ddim_scheduler, video_grid
+    from mvcustom.models import ClipCameras, References
+
+    was_training = model.training
+    model.eval()
+    frames = batch["frames"][:1]
+    B, Fr, _, H, W = frames.shape
+    text = model.encode_prompt(batch["caption"][:1])
+    cams = (
+        ClipCameras(batch["extrinsics"][:1].float(), batch["intrinsics"][:1].float(), (H, W))
+        if "extrinsics" in batch
+        else None
+    )
+    refs = None
+    if "reference_frames" in batch and cfg.stage == "customize":
+        ref_cams = ClipCameras(
+            batch["reference_extrinsics"][:1].float(), batch["reference_intrinsics"][:1].float(), (H, W)
+        )
+        refs = References(model.encode_frames(batch["reference_frames"][:1]), ref_cams)
+        refs.features = model.reference_features(refs, text, radius)
+    scale = model.vae_scale
+    generator = torch.Generator(device=frames.device).manual_seed(cfg.seed)
+    latents = ddim_sample(
+        lambda x, t: model(x, t, text, cams, refs, radius=radius).sample,
+        ddim_scheduler(model.scheduler_config),
+        (1, Fr, model.unet.config.in_channels, H // scale, W // scale),
+        cfg.sample_steps,
+        generator=generator,
+        device=frames.device,
+        dtype=model.dtype,
+    )
+    video = model.decode_latents(latents.to(model.dtype))
+    model.train(was_training)
+    return video_grid(torch.cat([frames.float(), video.float()], 0))
+
+
+def export_model(engine, model, params: dict, cfg, ctx: TrainContext) -> str | None:
+    """Write the final weights as a ``from_pretrained`` folder at ``<output>/export`` (rank 0).
+
+    The frozen weights come from a fresh fp32 build from the same source (they never change);
+    the trained ones are the optimizer's full fp32 master copies, gathered from the ZeRO shards
+    (``deepspeed.utils.safe_get_full_fp32_param``, collective under ZeRO-3). Returns the local
+    folder that was written (rank 0) or ``None``.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full = {}
+    for name, p in params.items():
+        value = safe_get_full_fp32_param(p)  # every rank takes part
+        if value is None:
+            raise RuntimeError(f"DeepSpeed holds no fp32 master copy of trained parameter {name}")
+        full[name] = value.detach().float().cpu()
+    if not ctx.is_main:
+        torch.distributed.barrier()
+        return None
+    torch.manual_seed(cfg.seed)
+    customize = cfg.stage == "customize"
+    fresh = build_model(
+        cfg.model,
+        init_from=cfg.init_from,
+        subject_tokens=[cfg.subject_token] if customize else None,
+        subject_init_words=_subject_words(cfg) if customize else None,
+    )
+    state = fresh.state_dict()
+    missing = set(full) - set(state)
+    if missing:
+        raise RuntimeError(f"trained parameters not in the exported model: {sorted(missing)[:5]}")
+    state.update(full)
+    fresh.load_state_dict(state)
+    target = cfg.output.rstrip("/") + "/export"
+    local = tempfile.mkdtemp(prefix="mvcustom-export-")
+    fresh.save_pretrained(local)
+    if target != local:
+        fresh.save_pretrained(target)
+    torch.distributed.barrier()
+    return local
