@@ -40,31 +40,12 @@ def _pin(cores: int) -> None:
 def _plain(cfg) -> tuple[float, float | None, int]:
     """The job's own per-shard functions (build, depth, write) called in a plain loop, one core."""
     _pin(1)
-    import pickle
-
-    from mvcustom.models.zoedepth import DepthEstimator
-    from pipelines import shards as shardlib
-    from pipelines.depth import add_depth
-    from pipelines.preprocess import build_shard, list_items, needs_depth_model, steady_rate, write_shard
+    from pipelines.preprocess import preprocess_inline, steady_rate
 
     t0 = time.perf_counter()
-    listing = list_items(cfg)
-    est = None
-    if needs_depth_model(cfg):
-        d = cfg.depth
-        est = DepthEstimator(d.model, "cpu", d.input_size, d.flip_average, d.batch_size)
-    n, done = 0, []
-    for idx, rng in enumerate(shardlib.assign_shards(len(listing.items), cfg.samples_per_shard)):
-        row = build_shard({"shard": idx, "items": pickle.dumps([listing.items[j] for j in rng])}, cfg)
-        if est is not None:
-            row["samples"] = pickle.dumps(
-                [add_depth(s, est, "replace") for s in pickle.loads(row["samples"])]
-            )
-        status = write_shard(row, cfg)
-        n += status["samples"]
-        done.append((status["done_at"], status["samples"]))
-    shardlib.collect(cfg.output, cfg.split, listing.errors)
-    return n / (time.perf_counter() - t0), steady_rate(done), n
+    out = preprocess_inline(cfg)
+    n = out["clips_written"]
+    return n / (time.perf_counter() - t0), steady_rate(out["commits"]), n
 
 
 def _ray(cfg, num_cpus: int) -> tuple[float, float | None, int]:

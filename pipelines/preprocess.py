@@ -256,3 +256,29 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         "failure_reasons": reasons,
     }
     return summary
+
+
+def preprocess_inline(cfg: PreprocessConfig) -> dict:
+    """The job's own per-shard functions (build, depth, write) in this process, without Ray:
+    the benchmark's baseline, and a quick way for tests to make shards. Same outputs as
+    :func:`run_preprocess` (shards, markers, manifest, errors); no resume, no parallelism."""
+    from mvcustom.models.zoedepth import DepthEstimator
+    from pipelines.depth import add_depth
+
+    listing = list_items(cfg)
+    est = None
+    if needs_depth_model(cfg):
+        d = cfg.depth
+        est = DepthEstimator(d.model, "cpu", d.input_size, d.flip_average, d.batch_size)
+    n, done = 0, []
+    for idx, rng in enumerate(shardlib.assign_shards(len(listing.items), cfg.samples_per_shard)):
+        row = build_shard({"shard": idx, "items": pickle.dumps([listing.items[j] for j in rng])}, cfg)
+        if est is not None:
+            row["samples"] = pickle.dumps(
+                [add_depth(s, est, "replace") for s in pickle.loads(row["samples"])]
+            )
+        status = write_shard(row, cfg)
+        n += status["samples"]
+        done.append((status["done_at"], status["samples"]))
+    shardlib.collect(cfg.output, cfg.split, listing.errors)
+    return {"clips_written": n, "commits": done, "errors": len(listing.errors)}

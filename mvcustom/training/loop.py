@@ -115,6 +115,7 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
         min_rotation_deg=cfg.data.min_rotation_deg,
     )
     figures: dict = {}
+    history: list[float] = []  # mean loss per step (all ranks)
     sample_batch = None
     for step in range(start, cfg.max_steps):
         radius = radius_at(cfg.model.stt_radius_schedule, step)
@@ -136,6 +137,7 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
         elapsed = time.perf_counter() - t_step
         mean_loss = torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
         torch.distributed.all_reduce(mean_loss)
+        history.append(float(mean_loss) / ctx.world_size)
         figures = {
             "step": step + 1,
             "loss": float(mean_loss) / ctx.world_size,
@@ -167,7 +169,11 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
         tracker.record_in_export(cfg.output.rstrip("/") + "/export")
     for h in held:
         h.cleanup()
-    return {**figures, "export": cfg.output.rstrip("/") + "/export" if ctx.is_main else None}
+    return {
+        **figures,
+        "history": history,
+        "export": cfg.output.rstrip("/") + "/export" if ctx.is_main else None,
+    }
 
 
 @torch.no_grad()
