@@ -96,6 +96,7 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
         local = _localize(resume, held)
         _, client = engine.load_checkpoint(local, tag=CHECKPOINT_TAG)
         start = int(client["step"])
+        print(f"[rank {ctx.rank}] resumed from {resume} at step {start}", flush=True)
     accum = cfg.optim.grad_accum
     batches = batch_stream(
         cfg.shards,
