@@ -6,7 +6,10 @@ Stages built so far:
      truth) and read them back through the dataset readers;
   2. preprocess both into WebDataset shards with Ray Data (CO3D: annotated cameras and depth;
      WebVid: pycolmap SfM poses and depth from a tiny random ZoeDepth), logged to MLflow.
-Planned stages (their issues are open): train stage 1 and 2, evaluate.
+  3. train stage 1 (backbone: motion modules with progressive STT + camera encoder) on the shards
+     with Ray Train, 2 CPU workers, DeepSpeed ZeRO-2, then stage 2 (customization: FeatureNeRF +
+     subject token) from the stage-1 export on the CO3D shards; both logged to MLflow.
+Planned stage (its issue is open): evaluate.
 
     python -m jobs.demo --out .demo
 """
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = str(Path(args.out).resolve())
     t0 = time.time()
 
-    print(f"[1/2] generating sample datasets under {out}/data ...", flush=True)
+    print(f"[1/3] generating sample datasets under {out}/data ...", flush=True)
     index = generate_sample_data(f"{out}/data", load_config(SampleDataConfig, args.config))
     root = f"{out}/data/co3d"
     for category in index["co3d"]["categories"]:
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     for v in index["webvid"]["videos"]:
         print(f"  webvid/{v['path']}: {v['num_frames']} frames, camera motion {v['motion']}")
 
-    print("[2/2] preprocessing to WebDataset shards (Ray Data) ...", flush=True)
+    print("[2/3] preprocessing to WebDataset shards (Ray Data) ...", flush=True)
     from mvcustom.models.zoedepth import save_tiny_zoedepth
     from pipelines.preprocess import run_preprocess
     from pipelines.tracking import log_job
@@ -75,6 +78,42 @@ def main(argv: list[str] | None = None) -> dict:
         for stage, info in s["failure_reasons"].items():
             print(f"    {stage}: {info['count']} (e.g. {info['examples'][0]})")
 
+    print("[3/3] training stage 1 then stage 2 (Ray Train, 2 workers, DeepSpeed ZeRO-2) ...", flush=True)
+    from mvcustom.configs import TrainConfig
+    from mvcustom.data.reader import expand_shards
+    from mvcustom.training.launch import run_training
+
+    with_shards = []
+    for k, v in summaries.items():
+        try:
+            expand_shards(v["output"])
+            with_shards.append(v["output"])
+        except FileNotFoundError:
+            print(f"  ({k} produced no shards; training without it)")
+    trained = {}
+    for stage, shards, extra in (
+        ("backbone", with_shards, []),
+        ("customize", [summaries["co3d"]["output"]], [f"init_from={out}/runs/backbone/export"]),
+    ):
+        cfg = load_config(
+            TrainConfig,
+            CONFIGS / f"train_{stage}_debug.yaml",
+            [
+                f"shards=[{', '.join(shards)}]",
+                f"output={out}/runs/{stage}",
+                f"mlflow.tracking_uri={mlflow_uri}",
+                "scaling.num_workers=2",
+                "deepspeed.zero_stage=2",
+                *extra,
+            ],
+        )
+        trained[stage] = run_training(cfg)
+        t = trained[stage]
+        print(
+            f"  {stage}: {t['step']} steps, loss {t['loss']:.3f}, {t['samples_per_s']:.2f} samples/s, "
+            f"resumed from {t['resumed_from']} -> {t['export']}"
+        )
+
     summary = {
         "data": f"{out}/data",
         "shards": {k: v["output"] for k, v in summaries.items()},
@@ -82,8 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
         "error_records": {k: v["errors"] for k, v in summaries.items()},
         "mlflow": mlflow_uri,
         "mlflow_runs": {k: v["mlflow_run_id"] for k, v in summaries.items()},
+        "training": {k: {"export": v["export"], "mlflow_run_id": v["mlflow_run_id"], "loss": v["loss"]} for k, v in trained.items()},
         "seconds": round(time.time() - t0, 1),
-        "planned": ["train (issue 5)", "evaluate (issue 6)"],
+        "planned": ["evaluate (issue 6)"],
     }
     print(json.dumps(summary, indent=1))
     return summary

@@ -29,6 +29,14 @@ def test_demo_job_runs_on_debug_data(tmp_path, capsys, ray_local):
     client = mlflow.tracking.MlflowClient(tracking_uri=summary["mlflow"])
     run = client.get_run(summary["mlflow_runs"]["co3d"])
     assert run.data.params["source"] == "co3d" and run.data.metrics["clips_written"] == 4
+    # stage 1 then stage 2 trained (2 Ray Train workers, ZeRO-2) and exported loadable models
+    from mvcustom.models import MVCustomModel
+
+    for stage in ("backbone", "customize"):
+        t = summary["training"][stage]
+        assert (tmp_path / "demo" / "runs" / stage / "export" / "model.safetensors").exists()
+        assert client.get_run(t["mlflow_run_id"]).data.params["deepspeed.zero_stage"] == "2"
+    assert MVCustomModel.from_pretrained(summary["training"]["customize"]["export"]).config.subject_tokens == ["<sks>"]
 
 
 def test_generator_and_reader_work_through_fsspec_urls():
