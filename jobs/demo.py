@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None) -> dict:
         "error_records": {k: v["errors"] for k, v in summaries.items()},
         "mlflow": mlflow_uri,
         "mlflow_runs": {k: v["mlflow_run_id"] for k, v in summaries.items()},
-        "training": {k: {"export": v["export"], "mlflow_run_id": v["mlflow_run_id"], "loss": v["loss"]} for k, v in trained.items()},
+        "training": {
+            k: {"export": v["export"], "mlflow_run_id": v["mlflow_run_id"], "loss": v["loss"]}
+            for k, v in trained.items()
+        },
         "seconds": round(time.time() - t0, 1),
         "planned": ["evaluate (issue 6)"],
     }

@@ -36,7 +36,9 @@ def test_demo_job_runs_on_debug_data(tmp_path, capsys, ray_local):
         t = summary["training"][stage]
         assert (tmp_path / "demo" / "runs" / stage / "export" / "model.safetensors").exists()
         assert client.get_run(t["mlflow_run_id"]).data.params["deepspeed.zero_stage"] == "2"
-    assert MVCustomModel.from_pretrained(summary["training"]["customize"]["export"]).config.subject_tokens == ["<sks>"]
+    assert MVCustomModel.from_pretrained(
+        summary["training"]["customize"]["export"]
+    ).config.subject_tokens == ["<sks>"]
 
 
 def test_generator_and_reader_work_through_fsspec_urls():

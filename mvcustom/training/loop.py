@@ -37,6 +37,26 @@ def _seed(seed: int, rank: int, step: int, micro: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step * 131 + micro) % (2**63 - 1)
 
 
+def optimizer_state_bytes(engine) -> int:
+    """Bytes of optimizer state this rank holds (ZeRO partitions it: ~1/N of stage 0's)."""
+    opt = engine.optimizer
+    while hasattr(opt, "optimizer") and not isinstance(opt, torch.optim.Optimizer):
+        opt = opt.optimizer
+    total = 0
+    for state in opt.state.values():
+        total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    return total
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak accelerator memory (CUDA) or peak resident set of this process (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -67,8 +87,17 @@ def _localize(path: str, held: list) -> str:
     return tmp.name
 
 
-def _subject_words(cfg) -> list[str] | None:
-    return [cfg.data.subject_init_word] if cfg.data.subject_init_word else None
+def _build(cfg):
+    """The model of ``cfg``, built from the seed (the same weights on every rank and at export)."""
+    torch.manual_seed(cfg.seed)
+    customize = cfg.stage == "customize"
+    words = [cfg.data.subject_init_word] if cfg.data.subject_init_word else None
+    return build_model(
+        cfg.model,
+        init_from=cfg.init_from,
+        subject_tokens=[cfg.subject_token] if customize else None,
+        subject_init_words=words if customize else None,
+    )
 
 
 def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
@@ -79,14 +108,8 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
     Returns the last step's figures (and ``export`` on rank 0).
     """
     init_distributed(ctx)
-    torch.manual_seed(cfg.seed)
     customize = cfg.stage == "customize"
-    model = build_model(
-        cfg.model,
-        init_from=cfg.init_from,
-        subject_tokens=[cfg.subject_token] if customize else None,
-        subject_init_words=_subject_words(cfg) if customize else None,
-    )
+    model = _build(cfg)
     params = set_trainable(model, cfg.stage)
     engine = build_engine(TrainStep(model, cfg.stage, noise_scheduler(model)), params, cfg, ctx.device)
     held: list = []
@@ -146,6 +169,8 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
             "stt_radius": radius,
             "samples_per_s": ctx.world_size * cfg.batch_size * accum / elapsed,
             "data_wait_fraction": wait / elapsed,
+            "optimizer_state_mib": optimizer_state_bytes(engine) / 2**20,
+            "peak_memory_mib": peak_memory_mib(ctx.device),
             **{f"rank0_{k}": v for k, v in parts.items() if k != "loss"},
         }
         if tracker is not None and ctx.is_main:
@@ -236,14 +261,7 @@ def export_model(engine, model, params: dict, cfg, ctx: TrainContext) -> str | N
     if not ctx.is_main:
         torch.distributed.barrier()
         return None
-    torch.manual_seed(cfg.seed)
-    customize = cfg.stage == "customize"
-    fresh = build_model(
-        cfg.model,
-        init_from=cfg.init_from,
-        subject_tokens=[cfg.subject_token] if customize else None,
-        subject_init_words=_subject_words(cfg) if customize else None,
-    )
+    fresh = _build(cfg)
     state = fresh.state_dict()
     missing = set(full) - set(state)
     if missing:
