@@ -342,3 +342,17 @@ def test_killed_worker_recovers_from_last_checkpoint(train_shards, tmp_path, ray
     steps = [m.step for m in history]
     assert max(steps) == 30 and len(steps) > len(set(steps))  # steps after the checkpoint ran twice
     assert min(s for s in set(steps) if steps.count(s) > 1) > 2  # ... but not those before it
+
+
+def test_zero_stage0_exports_its_trained_weights(train_shards, tmp_path):
+    """Stage 0 in fp32 keeps no separate master copy; the export takes the weights themselves."""
+    from mvcustom.models import MVCustomModel
+    from mvcustom.training.launch import run_local
+
+    cfg = debug_config(train_shards, tmp_path / "z0", max_steps=2, **{"deepspeed.zero_stage": 0})
+    out = run_local(cfg)
+    exported = MVCustomModel.from_pretrained(out["export"]).state_dict()
+    fresh = MVCustomModel.tiny(seed=0).state_dict()
+    key = "unet.down_blocks.0.motion_modules.0.proj_in.weight"
+    assert not torch.equal(exported[key], fresh[key])  # trained
+    assert torch.equal(exported["unet.conv_in.weight"], fresh["unet.conv_in.weight"])  # frozen

@@ -256,7 +256,10 @@ def export_model(engine, model, params: dict, cfg, ctx: TrainContext) -> str | N
     for name, p in params.items():
         value = safe_get_full_fp32_param(p)  # every rank takes part
         if value is None:
-            raise RuntimeError(f"DeepSpeed holds no fp32 master copy of trained parameter {name}")
+            # ZeRO stage 0 in fp32 keeps no separate master copy: the parameter is the weight
+            if hasattr(p, "ds_id") or p.dtype != torch.float32:
+                raise RuntimeError(f"DeepSpeed holds no fp32 master copy of trained parameter {name}")
+            value = p
         full[name] = value.detach().float().cpu()
     if not ctx.is_main:
         torch.distributed.barrier()
