@@ -15,6 +15,7 @@ weights go through.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -178,7 +179,9 @@ def load_components(
             }
         )
     except OSError:
-        pass  # SD 1.5's values are the defaults above
+        logging.getLogger(__name__).warning(
+            "%s has no scheduler/ config; using Stable Diffusion 1.5's DDIM settings", pretrained
+        )
     return Components(
         unet=unet,
         vae=load(AutoencoderKL, "vae"),

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from mvcustom.geometry.camera import rigid_inverse
 from mvcustom.models.attention import SpatioTemporalAttnProcessor
 from mvcustom.models.camera_encoder import CameraEncoder, clip_plucker, relative_to_first
 from mvcustom.models.components import Components, load_components, tiny_components
@@ -514,7 +515,7 @@ class MVCustomModel(nn.Module):
             # clip's first target camera, like the camera encoder (rigid-motion invariance).
             anchor = cameras.w2c[:, :1]
             state.targets = ClipCameras(relative_to_first(cameras.w2c), cameras.K, cameras.image_hw)
-            inv_anchor = torch.linalg.inv(anchor.double()).to(cameras.w2c.dtype)
+            inv_anchor = rigid_inverse(anchor)
             state.references = References(
                 None,
                 ClipCameras(

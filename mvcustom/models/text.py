@@ -93,7 +93,13 @@ class SubjectEmbedding(nn.Module):
         return self.base.embedding_dim
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        return F.embedding(input_ids, self.weight)
+        n = self.base.num_embeddings
+        is_new = input_ids >= n
+        out = self.base(input_ids.clamp(max=n - 1))
+        if is_new.any():
+            extra = F.embedding((input_ids - n).clamp(min=0), self.extra.to(out.dtype))
+            out = torch.where(is_new.unsqueeze(-1), extra, out)
+        return out
 
 
 def add_subject_tokens(

@@ -34,7 +34,7 @@ def deepspeed_config(cfg, device: torch.device) -> dict:
             raise ValueError("deepspeed.offload_optimizer needs zero_stage >= 1")
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
     if ds.zero_stage == 3:
-        # gather full weights on save (export) and keep ZeRO-3's prefetching modest for hooks
+        # let engine.save_16bit_model gather full weights (the export path does not rely on it)
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     out = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,

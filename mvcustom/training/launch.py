@@ -44,11 +44,12 @@ def latest_checkpoint(output: str) -> str | None:
     return proto + best[1] if proto and not best[1].startswith(proto) else best[1]
 
 
-def _absolute(path: str | None) -> str | None:
-    """Ray Train workers run in their own working directory: pin local relative paths."""
-    if path is None or "://" in path or os.path.isabs(path):
+def _absolute(path: str | None, must_exist: bool = False) -> str | None:
+    """Ray Train workers run in their own working directory: pin local relative paths.
+    ``must_exist``: leave names that are not local paths alone (hub ids)."""
+    if path is None or "://" in path or os.path.isabs(path) or (must_exist and not os.path.exists(path)):
         return path
-    return os.path.abspath(path) if os.path.exists(path) or path.startswith(".") or "/" in path else path
+    return os.path.abspath(path)
 
 
 def resolve_paths(cfg):
@@ -60,11 +61,9 @@ def resolve_paths(cfg):
     data = to_dict(cfg)
     data["shards"] = [_absolute(s) for s in cfg.shards]
     data["output"] = _absolute(cfg.output)
-    data["init_from"] = _absolute(cfg.init_from)
-    if cfg.model.pretrained and os.path.exists(cfg.model.pretrained):
-        data["model"]["pretrained"] = os.path.abspath(cfg.model.pretrained)
-    if cfg.model.motion_adapter and os.path.exists(cfg.model.motion_adapter):
-        data["model"]["motion_adapter"] = os.path.abspath(cfg.model.motion_adapter)
+    data["init_from"] = _absolute(cfg.init_from, must_exist=True)
+    data["model"]["pretrained"] = _absolute(cfg.model.pretrained, must_exist=True)
+    data["model"]["motion_adapter"] = _absolute(cfg.model.motion_adapter, must_exist=True)
     resolved = _from_dict(type(cfg), data, "resolved config")
     expand_shards(resolved.shards)
     return resolved

@@ -139,6 +139,7 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
         min_rotation_deg=cfg.data.min_rotation_deg,
     )
     figures: dict = {}
+    state_mib: float | None = None  # optimizer state exists (and stays this size) after step 1
     history: list[float] = []  # mean loss per step (all ranks)
     sample_batch = None
     for step in range(start, cfg.max_steps):
@@ -162,6 +163,8 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
         mean_loss = torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
         torch.distributed.all_reduce(mean_loss)
         history.append(float(mean_loss) / ctx.world_size)
+        if state_mib is None:
+            state_mib = optimizer_state_bytes(engine) / 2**20
         figures = {
             "step": step + 1,
             "loss": float(mean_loss) / ctx.world_size,
@@ -169,7 +172,7 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
             "stt_radius": radius,
             "samples_per_s": ctx.world_size * cfg.batch_size * accum / elapsed,
             "data_wait_fraction": wait / elapsed,
-            "optimizer_state_mib": optimizer_state_bytes(engine) / 2**20,
+            "optimizer_state_mib": state_mib,
             "peak_memory_mib": peak_memory_mib(ctx.device),
             **{f"rank0_{k}": v for k, v in parts.items() if k != "loss"},
         }
