@@ -249,52 +249,60 @@ def _mlflow_run(uri: str, run_id: str):
 
 
 @pytest.mark.slow
-def test_ray_zero2_backbone_then_zero3_customize_with_mlflow(train_shards, tmp_path, ray_local):
+def test_ray_zero3_customize_from_a_stage1_run_with_mlflow(train_shards, tmp_path, ray_local):
+    """Stage 1 in-process (the demo test covers it under Ray with ZeRO-2), then stage 2 as the
+    job: 2 Ray Train workers, ZeRO-3, MLflow run tagged with its stage-1 parent, resubmission."""
     from jobs.train import main
     from mvcustom.models import MVCustomModel
+    from mvcustom.training.launch import run_local
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    common = [f"shards=[{train_shards}]", f"mlflow.tracking_uri={uri}", "scaling.num_workers=2"]
-    s1 = main(
-        ["--config", "jobs/configs/train_backbone_debug.yaml", "--set", f"output={tmp_path / 'stage1'}"]
-        + [x for c in common for x in ("--set", c)]
+    s1 = run_local(
+        debug_config(
+            train_shards,
+            tmp_path / "stage1",
+            max_steps=2,
+            **{"mlflow.enabled": True, "mlflow.tracking_uri": uri},
+        ),
+        track=True,
     )
-    assert s1["step"] == 4 and s1["resumed_from"] is None
-    client, run = _mlflow_run(uri, s1["mlflow_run_id"])
-    assert run.data.params["deepspeed.zero_stage"] == "2" and run.data.params["stage"] == "backbone"
-    assert {"loss", "lr", "samples_per_s", "data_wait_fraction"} <= set(run.data.metrics)
-    assert len(client.get_metric_history(run.info.run_id, "loss")) == 4
-    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"samples", "export"} <= arts
-    model = MVCustomModel.from_pretrained(str(tmp_path / "stage1" / "export"))
-    assert model.camera_encoder is not None
+    client, run1 = _mlflow_run(uri, s1["mlflow_run_id"])
+    assert run1.data.params["stage"] == "backbone"
+    assert {"loss", "lr", "samples_per_s", "data_wait_fraction"} <= set(run1.data.metrics)
+    assert len(client.get_metric_history(run1.info.run_id, "loss")) == 2
+    assert {"samples", "export"} <= {a.path for a in client.list_artifacts(run1.info.run_id)}
 
-    # resubmitting the finished job resumes from its last checkpoint: nothing left to do
-    again = main(
-        ["--config", "jobs/configs/train_backbone_debug.yaml", "--set", f"output={tmp_path / 'stage1'}"]
-        + [x for c in common for x in ("--set", c)]
-    )
-    assert again["resumed_from"] and again["resumed_from"].endswith(s1["checkpoint"].rsplit("/", 1)[1])
-
-    s2 = main(
-        ["--config", "jobs/configs/train_customize_debug.yaml"]
-        + ["--set", f"output={tmp_path / 'stage2'}", "--set", f"init_from={tmp_path / 'stage1' / 'export'}"]
-        + ["--set", "deepspeed.zero_stage=3", "--set", "data.subject_init_word=teddy"]
-        + [x for c in common for x in ("--set", c)]
-    )
-    assert s2["step"] == 4
+    argv = ["--config", "jobs/configs/train_customize_debug.yaml"]
+    for setting in (
+        f"output={tmp_path / 'stage2'}",
+        f"init_from={tmp_path / 'stage1' / 'export'}",
+        "deepspeed.zero_stage=3",
+        "data.subject_init_word=teddy",
+        f"shards=[{train_shards}]",
+        f"mlflow.tracking_uri={uri}",
+        "scaling.num_workers=2",
+    ):
+        argv += ["--set", setting]
+    s2 = main(argv)
+    assert s2["step"] == 4 and s2["resumed_from"] is None
     client, run2 = _mlflow_run(uri, s2["mlflow_run_id"])
-    # the parent is the run that last wrote the stage-1 export (the resubmitted one)
-    assert run2.data.tags["mvcustom.parent_run_id"] == again["mlflow_run_id"]
-    assert run2.data.params["deepspeed.zero_stage"] == "3"
-    assert {"rank0_loss_fg_opacity", "rank0_loss_bg_alpha"} <= set(run2.data.metrics)
+    assert run2.data.tags["mvcustom.parent_run_id"] == s1["mlflow_run_id"]
+    assert run2.data.params["deepspeed.zero_stage"] == "3" and run2.data.params["stage"] == "customize"
+    assert {"rank0_loss_fg_opacity", "rank0_loss_bg_alpha", "loss"} <= set(run2.data.metrics)
+    assert len(client.get_metric_history(run2.info.run_id, "loss")) == 4
+    assert {"samples", "export"} <= {a.path for a in client.list_artifacts(run2.info.run_id)}
     custom = MVCustomModel.from_pretrained(str(tmp_path / "stage2" / "export"))
     assert custom.config.subject_tokens == ["<sks>"]
     base = MVCustomModel.from_pretrained(str(tmp_path / "stage1" / "export"))
     a, b = base.state_dict(), custom.state_dict()
     moved = [k for k in b if k.startswith("pose_blocks.") and not torch.equal(a[k], b[k])]
-    assert moved  # stage 2 trained its FeatureNeRFs
+    assert moved  # stage 2 trained its FeatureNeRFs (ZeRO-3 shards gathered for the export)
     assert torch.equal(a["unet.conv_in.weight"], b["unet.conv_in.weight"])  # and nothing frozen moved
+
+    # resubmitting the finished job resumes from its last checkpoint: nothing left to do
+    again = main(argv)
+    assert again["resumed_from"] and again["resumed_from"].endswith(s2["checkpoint"].rsplit("/", 1)[1])
+    assert again["step"] == 4
 
 
 @pytest.mark.slow
