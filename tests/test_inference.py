@@ -214,7 +214,8 @@ def test_pipeline_generates_with_rendering_and_completion(pipe):
     plain = run(InferenceOptions(feature_rendering=False), output_type="np")
     assert not np.array_equal(plain.frames, out.frames)
     # the anchor frame is the anchor pass's frame, replayed at every step: the depth is of it
-    assert np.array_equal(out.frames[0, 0], info["anchor_images"][0])
+    diff = np.abs(out.frames[0, 0].astype(int) - info["anchor_images"][0])
+    assert diff.max() <= 1  # (decoded in a different batch: float rounding only)
     pil = run(opts)
     assert len(pil.frames) == 1 and pil.frames[0][0].size == (32, 32)
     with pytest.raises(ValueError, match="anchors"):
