@@ -1,0 +1,192 @@
+"""Camera poses of unposed frames by pycolmap structure-from-motion (CPU, one clip per call).
+
+Used by the WebVid preprocessing (``pipelines.webvid_records``, which imports it through the
+``pipelines.sfm`` re-export) and by the camera-pose-accuracy metric (:mod:`mvcustom.metrics.pose`,
+PAPER.md §6 "CPA": COLMAP on the generated views).
+
+Video frames are ordered, so sequential matching (each frame against its ``overlap`` successors)
+is the default: exhaustive matching grows with frames squared (STACK.md: 3.74 s vs 2.41 s at 32
+frames). Intrinsics are unknown by default (WebVid ships none) and shared by the clip (one
+SIMPLE_PINHOLE camera, focal refined by bundle adjustment); a caller that knows them (the metric
+knows the requested cameras) can pass ``intrinsics`` to fix one PINHOLE camera instead. A
+reconstruction that registers fewer than ``min_registered_fraction`` of the frames is a failure
+with a reason, never an exception that stops the job; frames left unregistered by a successful
+reconstruction get poses interpolated (SLERP / linear) between their registered neighbours and
+are listed in ``interpolated``.
+
+pycolmap is imported inside :func:`run_sfm`, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mvcustom.configs.preprocess import SfmConfig
+from mvcustom.geometry.camera import Cameras
+from mvcustom.geometry.conventions import cameras_from_pycolmap
+
+
+@dataclass
+class SfmResult:
+    """Outcome of one clip's SfM.
+
+    Attributes:
+        cameras: per-frame cameras at the input resolution (``None`` when failed).
+        registered: frames registered by the reconstruction. total: frames given.
+        num_points: triangulated 3D points. reprojection_error: mean, pixels.
+        median_depth: median z-depth of the points seen by the first camera (scene scale).
+        interpolated: frame positions whose pose was interpolated.
+        reason: why it failed (``None`` on success).
+        registered_frames: frame positions (input order) the reconstruction registered; on
+            success ``cameras[registered_frames]`` are the reconstruction's own poses.
+    """
+
+    cameras: Cameras | None
+    registered: int
+    total: int
+    num_points: int = 0
+    reprojection_error: float | None = None
+    median_depth: float | None = None
+    interpolated: list[int] = field(default_factory=list)
+    reason: str | None = None
+    registered_frames: list[int] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.cameras is not None
+
+    def quality(self) -> dict:
+        return {
+            "registered_fraction": self.registered / max(self.total, 1),
+            "num_points": self.num_points,
+            "reprojection_error_px": self.reprojection_error,
+            "interpolated_frames": self.interpolated,
+        }
+
+
+def _interpolate_missing(cams: Cameras, positions: list[int], total: int) -> tuple[Cameras, list[int]]:
+    """Fill poses of unregistered frames from their registered neighbours (same intrinsics)."""
+    from scipy.spatial.transform import Rotation, Slerp
+
+    have = np.array(positions)
+    missing = [i for i in range(total) if i not in set(positions)]
+    R = Rotation.from_matrix(cams.R.numpy())
+    C = cams.centers.numpy()
+    t_all = np.arange(total, dtype=np.float64)
+    tq = np.clip(t_all, have.min(), have.max())  # clamp: hold the end poses outside the range
+    R_all = Slerp(have.astype(np.float64), R)(tq).as_matrix()
+    C_all = np.stack([np.interp(tq, have, C[:, k]) for k in range(3)], -1)
+    w2c = np.tile(np.eye(4), (total, 1, 1))
+    w2c[:, :3, :3] = R_all
+    w2c[:, :3, 3] = -np.einsum("nij,nj->ni", R_all, C_all)
+    K = cams.K[0].expand(total, 3, 3)
+    return Cameras(torch.from_numpy(w2c), K, cams.image_hw[0]), missing
+
+
+def run_sfm(
+    frames: np.ndarray,
+    cfg: SfmConfig,
+    workdir: str | None = None,
+    intrinsics: torch.Tensor | np.ndarray | None = None,
+) -> SfmResult:
+    """Run SfM on ``frames (N, H, W, 3)`` uint8 RGB.
+
+    Args:
+        frames: the clip, in order.
+        cfg: matcher, mapper, registration threshold and threads.
+        workdir: parent folder of the temporary COLMAP workspace (default: the system's).
+        intrinsics: optional ``(3, 3)`` pinhole ``K`` in pixels of ``frames``, shared by every
+            frame. Given, COLMAP uses a fixed PINHOLE camera (focal not refined by bundle
+            adjustment); ``None`` (default) estimates one shared SIMPLE_PINHOLE focal.
+    """
+    import pycolmap
+
+    pycolmap.logging.minloglevel = 2  # errors only: per-image INFO lines would flood worker logs
+    n = int(frames.shape[0])
+    K = None
+    if intrinsics is not None:
+        K = torch.as_tensor(intrinsics, dtype=torch.float64)
+        if K.shape != (3, 3):
+            raise ValueError(f"intrinsics must be one (3, 3) K shared by the frames, got {tuple(K.shape)}")
+    with tempfile.TemporaryDirectory(dir=workdir) as d:
+        img_dir = Path(d) / "images"
+        img_dir.mkdir()
+        names = [f"{i:05d}.png" for i in range(n)]
+        for name, fr in zip(names, frames, strict=True):
+            Image.fromarray(fr).save(img_dir / name)
+        db = Path(d) / "database.db"
+        reader = pycolmap.ImageReaderOptions()
+        if K is None:
+            reader.camera_model = "SIMPLE_PINHOLE"
+        else:
+            reader.camera_model = "PINHOLE"
+            reader.camera_params = ",".join(str(float(v)) for v in (K[0, 0], K[1, 1], K[0, 2], K[1, 2]))
+        extraction = pycolmap.FeatureExtractionOptions()
+        extraction.num_threads = cfg.num_threads
+        cpu = pycolmap.Device.cpu
+        pycolmap.extract_features(
+            db,
+            img_dir,
+            camera_mode=pycolmap.CameraMode.SINGLE,
+            reader_options=reader,
+            extraction_options=extraction,
+            device=cpu,
+        )
+        matching = pycolmap.FeatureMatchingOptions()
+        matching.num_threads = cfg.num_threads
+        if cfg.matcher == "sequential":
+            pairing = pycolmap.SequentialPairingOptions()
+            pairing.overlap = cfg.overlap
+            pycolmap.match_sequential(db, matching_options=matching, pairing_options=pairing, device=cpu)
+        else:
+            pycolmap.match_exhaustive(db, matching_options=matching, device=cpu)
+        out = Path(d) / "sparse"
+        out.mkdir()
+        if cfg.mapper == "incremental":
+            opts = pycolmap.IncrementalPipelineOptions()
+            opts.num_threads = cfg.num_threads
+            opts.ba_refine_principal_point = False
+            opts.ba_refine_extra_params = False
+            if K is not None:
+                opts.ba_refine_focal_length = False
+            recs = pycolmap.incremental_mapping(db, img_dir, out, options=opts)
+        else:
+            recs = pycolmap.global_mapping(db, img_dir, out)
+    if not recs:
+        return SfmResult(
+            None, 0, n, reason="no reconstruction (too little parallax or texture to initialise)"
+        )
+    rec = max(recs.values(), key=lambda r: r.num_reg_images())
+    cams, got = cameras_from_pycolmap(rec, names)
+    registered = len(got)
+    positions = [names.index(g) for g in got]
+    result = SfmResult(
+        None,
+        registered,
+        n,
+        num_points=int(rec.num_points3D()),
+        reprojection_error=float(rec.compute_mean_reprojection_error()),
+        registered_frames=positions,
+    )
+    if registered / n < cfg.min_registered_fraction:
+        result.reason = f"registered {registered}/{n} frames, below sfm.min_registered_fraction={cfg.min_registered_fraction}"
+        return result
+    if registered < n:
+        cams, result.interpolated = _interpolate_missing(cams, positions, n)
+    pts = torch.tensor(np.array([p.xyz for p in rec.points3D.values()]), dtype=torch.float64)
+    first = cams[0]
+    if len(pts):
+        _, z = first.project(pts)
+        z = z[z > 0]
+        result.median_depth = float(z.median()) if len(z) else None
+    if result.median_depth is None:
+        result.reason = "no reconstructed point lies in front of the first camera"
+        return result
+    result.cameras = cams
+    return result

@@ -1,0 +1,176 @@
+"""Camera pose accuracy ("CPA", PAPER.md §6 / Table 2, higher is better).
+
+The paper runs COLMAP on the generated views and compares the recovered cameras with the
+requested ones; a failed reconstruction scores 0 (CustomDiffusion360: 0.000). The formula and
+thresholds are NF (PAPER.md §6, §8 item 8), so this is ours:
+
+1. SfM (:func:`mvcustom.geometry.sfm.run_sfm`) on the frames, with **exhaustive** matching: a
+   generated clip is short (tens of frames) so the quadratic cost is small, and it does not assume
+   that consecutive frames overlap most (a generator that jumps or reorders content is then
+   judged by geometry, not by whether the sequential matcher happened to find the pairs). By
+   default the requested intrinsics are given to COLMAP and kept fixed (the views were generated
+   for those cameras; the paper does not say, NF); ``known_intrinsics=False`` estimates one
+   shared focal instead.
+2. **Relative poses of every frame pair** ``i < j`` are compared with the requested ones
+   (:func:`mvcustom.geometry.align.relative_pose_errors`: angle of ``R_ij^rec (R_ij^req)^T`` and
+   angle between the relative translation directions). Relative poses are gauge-free, so SfM's
+   arbitrary world frame and scale need no alignment.
+3. **Score** = fraction of all ``N (N - 1) / 2`` pairs whose rotation error *and* translation
+   direction error are both below ``threshold_deg``. A pair with a frame the reconstruction did
+   not register counts as a failure (no pose is interpolated for the metric). Where the requested
+   baseline of a pair is ~0 (the same camera centre twice) the translation direction is undefined
+   and the pair is judged on rotation alone. A reconstruction that fails scores 0.0, with
+   ``failed=True`` and the reason.
+
+Relative poses of an orbit depend only on the index difference of a pair, so a reordering that
+keeps index differences (a cyclic shift) goes largely unnoticed on a closed orbit; reorderings that
+change them score near 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mvcustom.configs.preprocess import SfmConfig
+from mvcustom.geometry.align import align_cameras, relative_pose_errors
+from mvcustom.geometry.camera import Cameras
+
+
+def default_sfm_config() -> SfmConfig:
+    """SfM settings of the metric: exhaustive matching, every partial reconstruction kept.
+
+    ``min_registered_fraction`` is tiny because the metric scores partial reconstructions itself
+    (unregistered frames fail their pairs) instead of discarding them.
+    """
+    return SfmConfig(matcher="exhaustive", mapper="incremental", min_registered_fraction=1e-6)
+
+
+@dataclass
+class PoseScore:
+    """Camera pose accuracy of one generated clip.
+
+    Attributes:
+        score: fraction of frame pairs within ``threshold_deg`` (0.0 when ``failed``).
+        registered: frames the reconstruction registered. total: frames given.
+        failed: the reconstruction failed (no model, or too few frames registered for ``cfg``).
+        reason: why it failed (``None`` otherwise).
+        pairs_correct: pairs within the threshold. pairs_total: ``N (N - 1) / 2``.
+        rotation_error_deg, translation_error_deg: medians over the registered pairs (degrees;
+            ``None`` when fewer than two frames are registered).
+        registered_frames: positions of the registered frames in the input order.
+        recovered: the registered frames' cameras, similarity-aligned to the requested ones
+            (Umeyama on camera centres); ``None`` when failed or when fewer than 3 centres / a
+            collinear path leave the alignment undetermined (the score does not need it).
+        center_error: ``(R,)`` distance of each aligned centre to its requested one (world
+            units of the requested cameras), with ``recovered``.
+        threshold_deg: the threshold used. num_points: triangulated points.
+    """
+
+    score: float
+    registered: int
+    total: int
+    failed: bool
+    reason: str | None = None
+    pairs_correct: int = 0
+    pairs_total: int = 0
+    rotation_error_deg: float | None = None
+    translation_error_deg: float | None = None
+    registered_frames: list[int] = field(default_factory=list)
+    recovered: Cameras | None = None
+    center_error: torch.Tensor | None = None
+    threshold_deg: float = 10.0
+    num_points: int = 0
+
+
+def _check_frames(frames) -> np.ndarray:
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().numpy()
+    if not isinstance(frames, np.ndarray):
+        raise ValueError(f"frames must be a numpy array (N, H, W, 3) uint8, got {type(frames).__name__}")
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 (N, H, W, 3) RGB, got {frames.dtype} {frames.shape}")
+    if frames.shape[0] < 2:
+        raise ValueError(f"pose accuracy needs at least 2 frames, got {frames.shape[0]}")
+    return np.ascontiguousarray(frames)
+
+
+def pose_accuracy(
+    frames: np.ndarray,
+    requested: Cameras,
+    cfg: SfmConfig | None = None,
+    threshold_deg: float = 10.0,
+    known_intrinsics: bool = True,
+    workdir: str | None = None,
+) -> PoseScore:
+    """Camera pose accuracy of generated ``frames`` against the ``requested`` cameras.
+
+    Args:
+        frames: ``(N, H, W, 3)`` uint8 RGB generated views, in the order of ``requested``.
+        requested: the ``N`` cameras the views were generated for (any world frame and scale).
+        cfg: SfM settings (default :func:`default_sfm_config`).
+        threshold_deg: a pair is correct when both its relative rotation error and its relative
+            translation-direction error are below this (degrees).
+        known_intrinsics: give COLMAP the requested intrinsics (rescaled to the frame size; all
+            requested cameras must share one ``K``) and keep them fixed; else estimate a focal.
+        workdir: parent folder of SfM's temporary workspace.
+    Returns:
+        a :class:`PoseScore`.
+    """
+    frames = _check_frames(frames)
+    n, H, W = frames.shape[:3]
+    if not isinstance(requested, Cameras):
+        raise ValueError(f"requested must be Cameras, got {type(requested).__name__}")
+    if len(requested) != n:
+        raise ValueError(f"requested has {len(requested)} cameras but frames has {n} views")
+    if not threshold_deg > 0:
+        raise ValueError(f"threshold_deg must be positive, got {threshold_deg}")
+    requested = requested.to(dtype=torch.float64)
+    K = None
+    if known_intrinsics:
+        scaled = requested.resize(H, W)  # K in pixels of the frames actually scored
+        if not torch.allclose(scaled.K, scaled.K[:1].expand_as(scaled.K)):
+            raise ValueError(
+                "known_intrinsics=True needs one K shared by all requested cameras (zoom-like "
+                "trajectory?); pass known_intrinsics=False to let SfM estimate the focal"
+            )
+        K = scaled.K[0]
+    from mvcustom.geometry.sfm import run_sfm
+
+    res = run_sfm(frames, cfg or default_sfm_config(), workdir=workdir, intrinsics=K)
+    pairs_total = n * (n - 1) // 2
+    out = PoseScore(
+        score=0.0,
+        registered=res.registered,
+        total=n,
+        failed=not res.ok,
+        reason=res.reason,
+        pairs_total=pairs_total,
+        registered_frames=list(res.registered_frames),
+        threshold_deg=float(threshold_deg),
+        num_points=res.num_points,
+    )
+    if not res.ok:
+        return out
+    reg = list(res.registered_frames)
+    rec = res.cameras[reg]  # the reconstruction's own poses (interpolated frames are not used)
+    req = requested[reg]
+    if len(reg) >= 2:
+        err = relative_pose_errors(rec, req)
+        rot, trans = err["rotation_deg"], err["translation_deg"]
+        # Undefined direction (zero requested baseline): judged on rotation alone.
+        ok = (rot < threshold_deg) & (torch.isnan(trans) | (trans < threshold_deg))
+        out.pairs_correct = int(ok.sum())
+        out.score = out.pairs_correct / pairs_total
+        out.rotation_error_deg = float(rot.median())
+        finite = trans[~torch.isnan(trans)]
+        out.translation_error_deg = float(finite.median()) if len(finite) else None
+    if len(reg) >= 3:
+        try:
+            out.recovered, info = align_cameras(rec, req)
+            out.center_error = info["center_error"]
+        except ValueError:  # collinear centres (dolly / truck): the similarity is undetermined
+            out.recovered = None
+    return out

@@ -1,0 +1,122 @@
+"""Embedding-similarity metrics of Table 2 (PAPER.md §6): consistency, identity, text alignment.
+
+All three are cosines between embeddings (:class:`~mvcustom.metrics.features.ImageTextEncoder`);
+inputs are re-normalised here, so any ``(N, D)`` features work. Units are raw cosines in [-1, 1]
+(distances ``1 - cos`` in [0, 2]), not the x100 "CLIP score" some papers print.
+
+* **Multi-view consistency** (lower is better): the paper uses a DreamSim distance between
+  generated views; which pairs is NF. Ours: the mean cosine distance between *adjacent* views
+  ``(f, f + 1)`` of the trajectory (neighbours overlap most, so content drift shows there first
+  and the figure does not grow with the trajectory's total span).
+* **Identity** (lower is better): DreamSim between generated views and the reference images
+  (masking/cropping NF). Ours: the mean cosine distance over every (generated view, reference
+  image) pair, whole frames, no masking.
+* **Text alignment** (higher is better): "text alignment", probably CLIP text-image (NF). Ours:
+  the mean cosine between each view's CLIP image embedding and the prompt's CLIP text embedding.
+  The caller decides the prompt text (e.g. the subject token ``V*`` replaced by its class word,
+  since a stock CLIP does not know the learned token).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mvcustom.metrics.features import ImageTextEncoder
+
+Tensor = torch.Tensor
+
+
+def _features(x: Tensor, name: str, min_rows: int = 1) -> Tensor:
+    """Validate ``(N, D)`` features and return them L2-normalised in float64."""
+    x = torch.as_tensor(x)
+    if x.ndim != 2 or x.shape[0] < min_rows or x.shape[1] < 1:
+        raise ValueError(f"{name} must have shape (N, D) with N >= {min_rows}, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return F.normalize(x.to(torch.float64), dim=-1)
+
+
+def multiview_consistency(view_features: Tensor) -> float:
+    """Mean cosine distance ``1 - cos`` between adjacent generated views (lower is better).
+
+    Args:
+        view_features: ``(F, D)`` embeddings of the ``F >= 2`` views, in trajectory order.
+    Returns:
+        ``mean_f (1 - cos(e_f, e_{f+1}))`` over the ``F - 1`` adjacent pairs, in [0, 2].
+    """
+    e = _features(view_features, "view_features", min_rows=2)
+    return float((1.0 - (e[:-1] * e[1:]).sum(-1)).mean())
+
+
+def identity_distance(view_features: Tensor, reference_features: Tensor) -> float:
+    """Mean cosine distance between every generated view and every reference image (lower is better).
+
+    Args:
+        view_features: ``(F, D)`` embeddings of the generated views.
+        reference_features: ``(R, D)`` embeddings of the subject's reference images.
+    Returns:
+        ``mean_{f, r} (1 - cos(e_f, e_r))``, in [0, 2].
+    """
+    g = _features(view_features, "view_features")
+    r = _features(reference_features, "reference_features")
+    if g.shape[1] != r.shape[1]:
+        raise ValueError(f"view_features have D={g.shape[1]} but reference_features D={r.shape[1]}")
+    return float((1.0 - g @ r.T).mean())
+
+
+def text_alignment(image_features: Tensor, text_feature: Tensor) -> float:
+    """Mean CLIP cosine similarity between the views and the prompt (higher is better).
+
+    Args:
+        image_features: ``(F, D)`` CLIP image embeddings of the views.
+        text_feature: ``(D,)`` (or ``(1, D)``) CLIP text embedding of the prompt.
+    Returns:
+        ``mean_f cos(e_f, t)``, a raw cosine in [-1, 1] (not multiplied by 100).
+    """
+    e = _features(image_features, "image_features")
+    t = torch.as_tensor(text_feature)
+    t = _features(t.reshape(1, -1) if t.ndim == 1 else t, "text_feature")
+    if t.shape[0] != 1:
+        raise ValueError(f"text_feature must be one embedding (D,) or (1, D), got {tuple(t.shape)}")
+    if t.shape[1] != e.shape[1]:
+        raise ValueError(f"image_features have D={e.shape[1]} but text_feature D={t.shape[1]}")
+    return float((e @ t[0]).mean())
+
+
+def score_views(
+    encoder: ImageTextEncoder,
+    frames: np.ndarray | Tensor,
+    references: np.ndarray | Tensor,
+    prompt: str,
+    distance_encoder: ImageTextEncoder | None = None,
+) -> dict[str, float]:
+    """The three similarity metrics of one generated sample.
+
+    Args:
+        encoder: a CLIP :class:`ImageTextEncoder` (text alignment; also the distances by default).
+        frames: ``(F, H, W, 3)`` uint8 generated views in trajectory order, ``F >= 2``.
+        references: ``(R, H', W', 3)`` uint8 reference images of the subject.
+        prompt: the text the views are scored against.
+        distance_encoder: the image backbone for consistency and identity (the DreamSim-style
+            model, MetricModelsConfig.dreamsim); ``None`` uses ``encoder``.
+    Returns:
+        ``{"multiview_consistency", "identity", "text_alignment"}`` (PAPER.md §6, Table 2).
+    """
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+    dist = distance_encoder or encoder
+    view_dist = dist.encode_images(frames)  # validates frames
+    if view_dist.shape[0] < 2:
+        raise ValueError(f"frames must hold at least 2 views for consistency, got {view_dist.shape[0]}")
+    ref_dist = dist.encode_images(references)
+    view_clip = view_dist if dist is encoder else encoder.encode_images(frames)
+    text = encoder.encode_texts([prompt])[0]
+    return {
+        "multiview_consistency": multiview_consistency(view_dist),
+        "identity": identity_distance(view_dist, ref_dist),
+        "text_alignment": text_alignment(view_clip, text),
+    }
