@@ -26,30 +26,6 @@ from mvcustom.training.data import (
 from mvcustom.training.engine import deepspeed_config, lr_lambda
 
 
-@pytest.fixture(scope="session")
-def train_shards(sample_data, tmp_path_factory) -> str:
-    """CO3D shards of the debug sample data (8 frames, 64x64, dataset depth), made without Ray."""
-    from mvcustom.configs import PreprocessConfig
-    from pipelines.preprocess import preprocess_inline
-
-    out = tmp_path_factory.mktemp("train_shards")
-    cfg = from_dict(
-        PreprocessConfig,
-        {
-            "preset": "debug",
-            "source": "co3d",
-            "input": str(sample_data / "co3d"),
-            "output": str(out),
-            "samples_per_shard": 2,
-            "co3d": {"depth": "dataset"},
-        },
-        "test",
-    )
-    result = preprocess_inline(cfg)
-    assert result["clips_written"] >= 4
-    return str(out)
-
-
 def debug_config(shards: str, output: Path, **over) -> TrainConfig:
     data = {"preset": "debug", "shards": [shards], "output": str(output), "mlflow": {"enabled": False}}
     for key, value in over.items():

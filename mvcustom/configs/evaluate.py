@@ -19,7 +19,10 @@ class SamplingConfig:
             covered features (35 of 50 in the paper).
         completion_until_step: latent completion runs from the first step up to this step (tau).
         depth_scale_search: relative range of the depth-scale grid search (0.4 = +-40%).
-        anchors: anchor frames fused by z-buffer (1 = the paper; 2+ is our extension).
+        anchors: anchor frames fused by z-buffer (1 = the paper; 2+ is our extension), spread
+            evenly over the clip (first and last frame for 2).
+        feature_rendering: depth-aware feature rendering (and the anchor pass) on/off.
+        stt_radius: STT radius at inference (-1 = whole feature map, where training ends).
     """
 
     num_inference_steps: int = 50
@@ -28,6 +31,14 @@ class SamplingConfig:
     completion_until_step: int = 10
     depth_scale_search: float = 0.4
     anchors: int = 1
+    feature_rendering: bool = True
+    stt_radius: int = -1
+
+    def anchor_frames(self, num_frames: int) -> tuple[int, ...]:
+        """The anchor frame indices for a clip of ``num_frames``."""
+        if self.anchors == 1:
+            return (0,)
+        return tuple(round(i * (num_frames - 1) / (self.anchors - 1)) for i in range(self.anchors))
 
     def __post_init__(self) -> None:
         check(
@@ -43,10 +54,22 @@ class SamplingConfig:
 
 @dataclass
 class MetricModelsConfig:
-    """Feature models of the metrics (``from_pretrained`` paths or hub ids; ``None``: tiny random, tests only)."""
+    """Feature models of the metrics (``from_pretrained`` paths or hub ids).
+
+    Attributes:
+        clip: a CLIP model (text alignment; also the image distances when ``dreamsim`` is unset).
+            ``None``: a tiny random CLIP (tests and the demo only; its figures mean nothing).
+        dreamsim: an image backbone for the consistency and identity distances (PAPER.md §6:
+            DreamSim); ``None``: use ``clip``.
+        pose_threshold_deg: pose accuracy counts a frame pair correct below this error.
+    """
 
     clip: str | None = None
     dreamsim: str | None = None
+    pose_threshold_deg: float = 10.0
+
+    def __post_init__(self) -> None:
+        check(self.pose_threshold_deg > 0, "metric_models.pose_threshold_deg must be positive")
 
 
 @dataclass
@@ -54,19 +77,29 @@ class EvaluateConfig:
     """An evaluation run.
 
     Attributes:
-        model: the ``from_pretrained`` folder of the trained model.
-        spec: evaluation spec (parquet or YAML: subjects x prompts x trajectories x seeds).
-        output: folder for generated frames and ``results.parquet``.
-        actors: generation actor pool size. num_gpus: GPUs per actor (fractional allowed).
+        model: the ``from_pretrained`` folder of the trained model (path, fsspec URL or hub id).
+        depth_model: ZoeDepth ``from_pretrained`` path or hub id (feature rendering needs it).
+        spec: evaluation spec, YAML (subjects x prompts x trajectories x seeds [x variants]) or
+            parquet (one row per sample); see ``pipelines/eval_records.py``.
+        output: folder (any fsspec URL) for generated samples, ``results.parquet``, the
+            aggregate table and the HTML report.
+        actors: generation actor pool size. num_gpus: GPUs per generation actor (fractional
+            allowed: several actors share a GPU). scorers: scoring actor pool size (CPU: SfM).
+        num_references: reference views per subject unless the spec says otherwise.
+        report_samples: samples whose image grids and trajectory plots go to MLflow.
     """
 
     PRESETS = ("debug",)
 
     model: str = ""
+    depth_model: str | None = "Intel/zoedepth-nyu-kitti"
     spec: str = ""
     output: str = ""
     actors: int = 1
     num_gpus: float = 0.0
+    scorers: int = 1
+    num_references: int = 5
+    report_samples: int = 8
     clip: ClipConfig = field(default_factory=ClipConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     metric_models: MetricModelsConfig = field(default_factory=MetricModelsConfig)
@@ -75,10 +108,18 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         check(self.actors >= 1 and self.num_gpus >= 0, "actors must be >= 1 and num_gpus >= 0")
+        check(self.scorers >= 1, "scorers must be >= 1")
+        check(self.num_references >= 1, "num_references must be >= 1")
+        check(
+            self.sampling.anchors <= self.clip.num_frames,
+            f"sampling.anchors ({self.sampling.anchors}) exceeds clip.num_frames ({self.clip.num_frames})",
+        )
 
     @classmethod
     def debug(cls) -> EvaluateConfig:
         return cls(
+            depth_model=None,
+            num_references=2,
             clip=ClipConfig(num_frames=4, height=32, width=32),
             sampling=SamplingConfig(
                 num_inference_steps=4, feature_rendering_steps=3, completion_until_step=1

@@ -154,3 +154,88 @@ def make_trajectory(kind: str, num_frames: int, **kwargs) -> Cameras:
     if kind not in TRAJECTORIES:
         raise ValueError(f"unknown trajectory {kind!r}; choose one of {sorted(TRAJECTORIES)}")
     return TRAJECTORIES[kind](num_frames, **kwargs)
+
+
+def subject_frame(refs: Cameras) -> dict:
+    """Where a subject's reference cameras look: ``target`` (least-squares intersection of their
+    optical axes), ``up``, ``radius`` (mean camera-to-target distance), and the first camera's
+    ``azimuth_deg``/``elevation_deg`` in the basis the trajectory generators use.
+
+    ``up`` is the normal of the plane through the camera centres (captures circle the subject at
+    a roughly constant height, as CO3D's do), oriented like the cameras' image-up (OpenCV -y);
+    with fewer than three centres, or centres on a line, it is the mean image-up itself. Needs
+    views from at least two directions."""
+    if len(refs) < 2:
+        raise ValueError(f"subject_frame needs at least 2 reference cameras, got {len(refs)}")
+    refs = refs.to(dtype=torch.float64)
+    C = refs.centers
+    d = refs.R[:, 2, :]  # optical axes (camera +z) in world coordinates
+    P = torch.eye(3, dtype=torch.float64) - d.unsqueeze(-1) * d.unsqueeze(-2)  # (N, 3, 3)
+    A, b = P.sum(0), (P @ C.unsqueeze(-1)).sum(0).squeeze(-1)
+    if torch.linalg.matrix_rank(A) < 3:
+        raise ValueError("the reference cameras' optical axes are parallel: no subject centre")
+    target = torch.linalg.solve(A, b)
+    image_up = -refs.R[:, 1, :].mean(0)
+    up = image_up / image_up.norm()
+    if len(refs) >= 3:
+        _, sv, vh = torch.linalg.svd(C - C.mean(0))
+        if sv[1] > 1e-3 * sv[0]:  # the centres span a plane
+            normal = vh[2]
+            up = normal if float(normal @ image_up) >= 0 else -normal
+    offsets = C - target
+    radius = float(offsets.norm(dim=-1).mean())
+    e1, e2, e3 = _basis(up)
+    o = offsets[0] / offsets[0].norm()
+    return {
+        "target": tuple(target.tolist()),
+        "up": tuple(up.tolist()),
+        "radius": radius,
+        "azimuth_deg": math.degrees(math.atan2(float(o @ e2), float(o @ e1))),
+        "elevation_deg": math.degrees(math.asin(max(-1.0, min(1.0, float(o @ e3))))),
+    }
+
+
+def place_trajectory(
+    kind: str,
+    num_frames: int,
+    refs: Cameras,
+    image_hw: tuple[int, int],
+    fov_deg: float | None = None,
+    **kwargs,
+) -> Cameras:
+    """A trajectory ``kind`` placed around a subject seen by ``refs`` (:func:`subject_frame`):
+    it starts at the first reference view's direction, distance and elevation, looks at the
+    subject and keeps its up. ``fov_deg`` defaults to the first reference's horizontal field of
+    view. ``kwargs`` override any generator argument (e.g. ``span_deg``, ``end_radius``)."""
+    import inspect
+
+    if kind not in TRAJECTORIES:
+        raise ValueError(f"unknown trajectory {kind!r}; choose one of {sorted(TRAJECTORIES)}")
+    frame = subject_frame(refs)
+    if fov_deg is None:
+        W = float(refs.image_hw[0, 1])
+        fov_deg = math.degrees(2 * math.atan(0.5 * W / float(refs.K[0, 0, 0])))
+    derived = {
+        "target": frame["target"],
+        "up": frame["up"],
+        "radius": frame["radius"],
+        "start_radius": frame["radius"],
+        "end_radius": 0.7 * frame["radius"],
+        "elevation_deg": frame["elevation_deg"],
+        "start_azimuth_deg": frame["azimuth_deg"],
+        "azimuth_deg": frame["azimuth_deg"],
+        "image_hw": tuple(image_hw),
+        "fov_deg": fov_deg,
+        "start_fov_deg": fov_deg,
+    }
+    accepted = set(inspect.signature(TRAJECTORIES[kind]).parameters)
+    if kind == "arc":  # an orbit with a span: it passes the orbit's arguments through
+        accepted = (accepted | set(inspect.signature(orbit).parameters)) - {"kwargs"}
+    unknown = set(kwargs) - accepted
+    if unknown:
+        raise ValueError(
+            f"trajectory {kind!r} has no parameter(s) {sorted(unknown)}; it takes {sorted(accepted - {'num_frames'})}"
+        )
+    args = {k: v for k, v in derived.items() if k in accepted}
+    args.update(kwargs)
+    return TRAJECTORIES[kind](num_frames, **args)

@@ -1,0 +1,505 @@
+"""Per-sample work of the evaluation job, testable without Ray (DESIGN.md §6.9).
+
+**The spec** (``EvaluateConfig.spec``) says what to generate. YAML, a cross product::
+
+    subjects:                       # reference views come from the subject's shards
+      - {name: teddy, shards: .demo/shards/co3d, sequence: null, num_references: 2}
+    prompts: ["a photo of a <sks> teddybear on a beach"]
+    trajectories:                   # placed around the subject (geometry.place_trajectory)
+      - {name: arc60, kind: arc, span_deg: 60}
+      - {name: dolly, kind: forward}
+    seeds: [0, 1]
+    variants:                       # optional: inference options per variant (ablations)
+      mvcustom: {}
+      no_rendering: {feature_rendering: false}
+
+or parquet with one row per sample and the columns of :data:`SPEC_COLUMNS` (``trajectory`` and
+``options`` as JSON strings). A sample's id is ``{subject}-{variant}-{trajectory}-p{prompt
+index}-s{seed}``, so a rerun of the same spec finds what is already done.
+
+**Per sample** (folder ``<output>/samples/<id>/``): :class:`GenerateSamples` writes the frames
+(``frame_000.png``...), an image grid and ``sample.json`` (the row, the requested cameras, the
+strategies' figures); :class:`ScoreSamples` reads them back, scores them with
+:mod:`mvcustom.metrics` and writes ``result.json`` and a trajectory plot (requested vs
+recovered camera centres). A failure in either is caught and recorded with its reason; the
+other samples go on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import time
+import traceback
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from mvcustom.geometry.camera import Cameras
+
+SPEC_COLUMNS = (
+    "subject",
+    "shards",
+    "sequence",
+    "num_references",
+    "prompt",
+    "prompt_index",
+    "trajectory",
+    "seed",
+    "variant",
+    "options",
+)
+METRICS = ("pose_accuracy", "multiview_consistency", "identity", "text_alignment")
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+# ---------------------------------------------------------------------------- the spec
+def sample_id(row: dict) -> str:
+    traj = json.loads(row["trajectory"])
+    parts = (
+        row["subject"],
+        row["variant"],
+        traj.get("name", traj["kind"]),
+        f"p{row['prompt_index']}",
+        f"s{row['seed']}",
+    )
+    return "-".join(_SAFE.sub("_", str(p)) for p in parts)
+
+
+def expand_spec(spec: dict, default_references: int) -> list[dict]:
+    """A YAML spec (mapping) -> one row per sample (see the module docstring)."""
+    unknown = set(spec) - {"subjects", "prompts", "trajectories", "seeds", "variants"}
+    if unknown:
+        raise ValueError(f"evaluation spec: unknown keys {sorted(unknown)}")
+    for key in ("subjects", "prompts", "trajectories"):
+        if not spec.get(key):
+            raise ValueError(f"evaluation spec: {key!r} must be a non-empty list")
+    variants = spec.get("variants") or {"mvcustom": {}}
+    rows = []
+    for subject in spec["subjects"]:
+        if "name" not in subject or "shards" not in subject:
+            raise ValueError(f"evaluation spec: every subject needs 'name' and 'shards', got {subject}")
+        for t in spec["trajectories"]:
+            if "kind" not in t:
+                raise ValueError(f"evaluation spec: every trajectory needs a 'kind', got {t}")
+            for pi, prompt in enumerate(spec["prompts"]):
+                for seed in spec.get("seeds") or [0]:
+                    for vname, vopts in variants.items():
+                        row = {
+                            "subject": str(subject["name"]),
+                            "shards": str(subject["shards"]),
+                            "sequence": subject.get("sequence"),
+                            "num_references": int(subject.get("num_references", default_references)),
+                            "prompt": str(prompt),
+                            "prompt_index": pi,
+                            "trajectory": json.dumps(t, sort_keys=True),
+                            "seed": int(seed),
+                            "variant": str(vname),
+                            "options": json.dumps(vopts or {}, sort_keys=True),
+                        }
+                        row["sample_id"] = sample_id(row)
+                        rows.append(row)
+    ids = [r["sample_id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        raise ValueError("evaluation spec: two samples share an id (duplicate subject/trajectory names?)")
+    return rows
+
+
+def load_spec(path: str, default_references: int) -> list[dict]:
+    """Rows of a YAML or parquet spec (any fsspec URL)."""
+    if not path:
+        raise ValueError("spec must name the evaluation spec (YAML or parquet)")
+    if path.endswith(".parquet"):
+        import pandas as pd
+
+        with fsspec.open(path, "rb") as f:
+            df = pd.read_parquet(f)
+        missing = {"subject", "shards", "prompt", "trajectory", "seed"} - set(df.columns)
+        if missing:
+            raise ValueError(f"spec {path}: parquet needs columns {sorted(missing)}")
+        rows = []
+        for i, r in enumerate(df.to_dict("records")):
+            row = {
+                "subject": str(r["subject"]),
+                "shards": str(r["shards"]),
+                "sequence": r.get("sequence"),
+                "num_references": int(r.get("num_references") or default_references),
+                "prompt": str(r["prompt"]),
+                "prompt_index": int(r.get("prompt_index", i)),
+                "trajectory": r["trajectory"]
+                if isinstance(r["trajectory"], str)
+                else json.dumps(r["trajectory"]),
+                "seed": int(r["seed"]),
+                "variant": str(r.get("variant") or "mvcustom"),
+                "options": r.get("options") or "{}",
+            }
+            row["sample_id"] = sample_id(row)
+            rows.append(row)
+        return rows
+    try:
+        with fsspec.open(path, "r") as f:
+            spec = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ValueError(f"spec {path} does not exist") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"spec {path}: expected a mapping, got {type(spec).__name__}")
+    return expand_spec(spec, default_references)
+
+
+# ---------------------------------------------------------------------------- files
+def sample_dir(output: str, sid: str) -> str:
+    return f"{output.rstrip('/')}/samples/{sid}"
+
+
+def _write_png(url: str, image: np.ndarray) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    with fsspec.open(url, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def _read_png(url: str) -> np.ndarray:
+    with fsspec.open(url, "rb") as f:
+        return np.array(Image.open(io.BytesIO(f.read())).convert("RGB"))
+
+
+def write_json(url: str, data: dict) -> None:
+    with fsspec.open(url, "w") as f:
+        json.dump(data, f, indent=1, default=float)
+
+
+def read_json(url: str) -> dict | None:
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def _cams_json(cams: Cameras) -> dict:
+    return {"w2c": cams.w2c.tolist(), "K": cams.K.tolist(), "image_hw": cams.image_hw[0].tolist()}
+
+
+def _cams_from_json(d: dict) -> Cameras:
+    return Cameras(
+        torch.tensor(d["w2c"], dtype=torch.float64), torch.tensor(d["K"], dtype=torch.float64), d["image_hw"]
+    )
+
+
+# ---------------------------------------------------------------------------- references
+def load_references(shards: str, sequence: str | None, num: int, image_hw: tuple[int, int]):
+    """``num`` views spread over the first clip of ``sequence`` (``None``: the first clip in
+    the shards), resized to ``image_hw``, as :class:`ReferenceViews`. One clip, because
+    preprocessing normalises each clip's world frame on its own."""
+    from mvcustom.data.reader import make_clip_dataset
+    from mvcustom.inference.pipeline import ReferenceViews
+    from mvcustom.training.data import resize_sample
+
+    for sample in make_clip_dataset(shards, shuffle_buffer=0, shuffle_shards=False):
+        if sequence is not None and str(sample["meta"].get("sequence")) != str(sequence):
+            continue
+        if "extrinsics" not in sample:
+            raise ValueError(f"{shards}: clip {sample['key']} has no cameras; references need posed views")
+        s = resize_sample(sample, *image_hw)
+        n = s["frames"].shape[0]
+        if num > n:
+            raise ValueError(f"{shards}: clip {sample['key']} has {n} frames, fewer than {num} references")
+        idx = [round(i * (n - 1) / max(num - 1, 1)) for i in range(num)]
+        images = (
+            ((s["frames"][idx] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        )
+        cams = Cameras(s["extrinsics"][idx].double(), s["intrinsics"][idx].double(), image_hw)
+        masks = (s["mask"][idx] > 0.5).numpy() if "mask" in s else None
+        return ReferenceViews(np.ascontiguousarray(images), cams, masks), sample["key"]
+    raise ValueError(f"{shards}: no clip of sequence {sequence!r}" if sequence else f"{shards}: no clips")
+
+
+def video_grid_image(frames: np.ndarray, columns: int = 8) -> np.ndarray:
+    """``(F, H, W, 3)`` -> one image, ``columns`` frames per row."""
+    Fr, H, W, _ = frames.shape
+    rows = math.ceil(Fr / columns)
+    cols = min(columns, Fr)
+    grid = np.zeros((rows * H, cols * W, 3), np.uint8)
+    for i, f in enumerate(frames):
+        r, c = divmod(i, cols)
+        grid[r * H : (r + 1) * H, c * W : (c + 1) * W] = f
+    return grid
+
+
+def inference_options(cfg, num_frames: int, overrides: dict):
+    """The sampler options of one sample: the config's, then the variant's overrides."""
+    from mvcustom.inference.pipeline import InferenceOptions
+
+    s = cfg.sampling
+    opts = {
+        "feature_rendering": s.feature_rendering,
+        "feature_rendering_steps": s.feature_rendering_steps,
+        "completion_until_step": s.completion_until_step,
+        "anchors": s.anchor_frames(num_frames),
+        "depth_scale_search": s.depth_scale_search,
+        "radius": s.stt_radius,
+    }
+    bad = set(overrides) - set(InferenceOptions.__dataclass_fields__)
+    if bad:
+        raise ValueError(f"variant options {sorted(bad)} are not InferenceOptions fields")
+    opts.update(overrides)
+    if "anchors" in overrides:
+        opts["anchors"] = tuple(overrides["anchors"])
+    return InferenceOptions(**opts)
+
+
+# ---------------------------------------------------------------------------- generation
+class GenerateSamples:
+    """Ray Data callable class (one per actor): loads the pipeline once, generates a batch.
+
+    ``config``: the :class:`EvaluateConfig` as a dict (what reaches actors, never globals).
+    """
+
+    def __init__(self, config: dict):
+        from mvcustom.configs import EvaluateConfig, from_dict
+        from mvcustom.inference.pipeline import MVCustomPipeline
+
+        self.cfg = from_dict(EvaluateConfig, config, "evaluate config")
+        device = "cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        self.pipe = MVCustomPipeline.from_pretrained(
+            self.cfg.model, depth_model=self.cfg.depth_model, dtype=dtype, device=device
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+        self.references: dict[tuple, tuple] = {}
+
+    def _refs(self, row: dict, image_hw):
+        key = (row["shards"], row["sequence"], row["num_references"])
+        if key not in self.references:
+            self.references[key] = load_references(
+                row["shards"], row["sequence"], row["num_references"], image_hw
+            )
+        return self.references[key]
+
+    def generate(self, row: dict) -> dict:
+        from mvcustom.geometry.trajectories import place_trajectory
+
+        cfg = self.cfg
+        out = sample_dir(cfg.output, row["sample_id"])
+        image_hw = (cfg.clip.height, cfg.clip.width)
+        t0 = time.perf_counter()
+        refs, ref_key = self._refs(row, image_hw)
+        traj = dict(json.loads(row["trajectory"]))
+        kind = traj.pop("kind")
+        traj.pop("name", None)
+        num_frames = int(traj.pop("num_frames", cfg.clip.num_frames))
+        cams = place_trajectory(kind, num_frames, refs.cameras, image_hw, **traj)
+        opts = inference_options(cfg, num_frames, json.loads(row["options"]))
+        g = torch.Generator(device=self.pipe.model.device).manual_seed(int(row["seed"]))
+        result = self.pipe(
+            row["prompt"],
+            cams,
+            refs,
+            num_inference_steps=cfg.sampling.num_inference_steps,
+            guidance_scale=cfg.sampling.guidance_scale,
+            generator=g,
+            options=opts,
+            output_type="np",
+            return_debug=True,
+        )
+        frames = result.frames[0]
+        seconds = time.perf_counter() - t0
+        for i, f in enumerate(frames):
+            _write_png(f"{out}/frame_{i:03d}.png", f)
+        _write_png(f"{out}/grid.png", video_grid_image(frames))
+        ref_dir = f"{cfg.output.rstrip('/')}/references/{_SAFE.sub('_', ref_key)}-{len(refs.images)}"
+        for i, im in enumerate(refs.images):
+            _write_png(f"{ref_dir}/ref_{i:03d}.png", im)
+        info = result.debug[0] if result.debug else {}
+        meta = {
+            **row,
+            "status": "generated",
+            "num_frames": num_frames,
+            "cameras": _cams_json(cams),
+            "references": ref_dir,
+            "num_reference_views": len(refs.images),
+            "generate_seconds": seconds,
+            "covered_fraction": info.get("covered_fraction"),
+            "depth_scale": info.get("depth_scale"),
+            "depth_scale_source": info.get("depth_scale_source"),
+        }
+        write_json(f"{out}/sample.json", meta)
+        return meta
+
+    def __call__(self, batch: dict) -> dict:
+        out = []
+        for row in records(batch):
+            try:
+                out.append(self.generate(row))
+            except Exception as e:  # recorded and passed on: one bad sample must not stop the job
+                out.append({**row, "status": "generation_failed", "failure_reason": _reason(e)})
+        return _columns(out)
+
+
+def _reason(e: Exception) -> str:
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+    return f"{type(e).__name__}: {e}{where}"[:2000]
+
+
+def _columns(rows: list[dict]) -> dict:
+    """Rows -> a Ray Data batch of JSON strings (rows of different shapes stay one schema)."""
+    return {"record": [json.dumps(r, default=float) for r in rows]}
+
+
+def records(batch: dict) -> list[dict]:
+    return [json.loads(r) for r in batch["record"]]
+
+
+# ---------------------------------------------------------------------------- scoring
+class ScoreSamples:
+    """Ray Data callable class: scores generated samples (pycolmap SfM + feature models)."""
+
+    def __init__(self, config: dict):
+        from mvcustom.configs import EvaluateConfig, from_dict
+        from mvcustom.metrics import ImageTextEncoder
+
+        self.cfg = from_dict(EvaluateConfig, config, "evaluate config")
+        mm = self.cfg.metric_models
+        self.encoder = ImageTextEncoder.from_pretrained(mm.clip) if mm.clip else ImageTextEncoder.tiny(seed=0)
+        self.distance = ImageTextEncoder.from_pretrained(mm.dreamsim) if mm.dreamsim else None
+
+    def score(self, meta: dict) -> dict:
+        from mvcustom.metrics import pose_accuracy, score_views
+
+        out = sample_dir(self.cfg.output, meta["sample_id"])
+        t0 = time.perf_counter()
+        frames = np.stack([_read_png(f"{out}/frame_{i:03d}.png") for i in range(meta["num_frames"])])
+        refs = np.stack(
+            [_read_png(f"{meta['references']}/ref_{i:03d}.png") for i in range(meta["num_reference_views"])]
+        )
+        cams = _cams_from_json(meta["cameras"])
+        pose = pose_accuracy(frames, cams, threshold_deg=self.cfg.metric_models.pose_threshold_deg)
+        sims = score_views(self.encoder, frames, refs, meta["prompt"], self.distance)
+        result = {
+            **{k: v for k, v in meta.items() if k != "cameras"},
+            "status": "scored",
+            "pose_accuracy": pose.score,
+            "pose_failed": pose.failed,
+            "pose_failure_reason": pose.reason,
+            "registered_frames": pose.registered,
+            "rotation_error_deg": pose.rotation_error_deg,
+            "translation_error_deg": pose.translation_error_deg,
+            **sims,
+            "score_seconds": time.perf_counter() - t0,
+        }
+        _write_png(f"{out}/trajectory.png", trajectory_plot(cams, pose.recovered, pose.registered_frames))
+        write_json(f"{out}/result.json", result)
+        return result
+
+    def __call__(self, batch: dict) -> dict:
+        out = []
+        for meta in records(batch):
+            if meta.get("status") != "generated":
+                out.append(meta)
+                continue
+            try:
+                out.append(self.score(meta))
+            except Exception as e:
+                out.append({**meta, "status": "scoring_failed", "failure_reason": _reason(e)})
+        return _columns(out)
+
+
+def trajectory_plot(requested: Cameras, recovered: Cameras | None, registered: list[int]) -> np.ndarray:
+    """Top and side views of the requested camera centres and the recovered ones (aligned)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    req = requested.centers.numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.2), dpi=80)
+    for ax, (a, b) in zip(axes, ((0, 1), (0, 2)), strict=True):
+        ax.plot(req[:, a], req[:, b], "o-", color="tab:blue", label="requested", markersize=3)
+        if recovered is not None:
+            rec = recovered.centers.numpy()
+            ax.plot(rec[:, a], rec[:, b], "x--", color="tab:red", label="recovered (aligned)", markersize=4)
+        ax.set_xlabel("xyz"[a])
+        ax.set_ylabel("xyz"[b])
+        ax.set_aspect("equal", adjustable="datalim")
+    axes[0].legend(fontsize=6)
+    fig.suptitle(f"camera centres ({len(registered)}/{len(requested)} registered)", fontsize=8)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
+# ---------------------------------------------------------------------------- tables
+def aggregate(results) -> pd.DataFrame:  # noqa: F821
+    """Mean ± std (and count) of every metric per variant and trajectory, over scored samples."""
+    import pandas as pd
+
+    scored = results[results["status"] == "scored"].copy()
+    if scored.empty:
+        return pd.DataFrame()
+    scored["trajectory_name"] = [
+        json.loads(t).get("name", json.loads(t)["kind"]) for t in scored["trajectory"]
+    ]
+    cols = [c for c in (*METRICS, "covered_fraction", "generate_seconds", "score_seconds") if c in scored]
+    for c in cols:
+        scored[c] = pd.to_numeric(scored[c], errors="coerce")
+    groups = {
+        "all": scored.groupby("variant"),
+        "by_trajectory": scored.groupby(["variant", "trajectory_name"]),
+    }
+    tables = []
+    for level, g in groups.items():
+        t = g[cols].agg(["mean", "std", "count"])
+        t.columns = [f"{m}_{s}" for m, s in t.columns]
+        t = t.reset_index()
+        t.insert(0, "level", level)
+        tables.append(t)
+    return pd.concat(tables, ignore_index=True)
+
+
+def write_report(output: str, results, table, run_url: str | None = None) -> str:
+    """A self-contained HTML page: the aggregate table, then each sample's grid and plot."""
+    import html
+
+    rows = []
+    for r in results.to_dict("records"):
+        sid = r["sample_id"]
+        metrics = " · ".join(
+            f"{m} {r[m]:.3f}" for m in METRICS if isinstance(r.get(m), int | float) and r.get(m) == r.get(m)
+        )
+        reason = next(
+            (r[k] for k in ("failure_reason", "pose_failure_reason") if isinstance(r.get(k), str)), ""
+        )
+        rows.append(
+            f"<h3>{html.escape(sid)}</h3><p>{html.escape(r['prompt'])}<br>{html.escape(r['status'])} {metrics}"
+            f"<br><small>{html.escape(str(reason))}</small></p>"
+            f'<img src="../samples/{sid}/grid.png"> <img src="../samples/{sid}/trajectory.png">'
+        )
+    body = (
+        "<html><head><meta charset='utf-8'><title>mvcustom evaluation</title>"
+        "<style>body{font-family:sans-serif} table{border-collapse:collapse;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:2px 6px}</style></head><body>"
+        "<h1>mvcustom evaluation</h1>"
+        + (f"<p>MLflow run: {html.escape(run_url)}</p>" if run_url else "")
+        + "<h2>Aggregate (mean, std, count per variant)</h2>"
+        + (
+            table.to_html(index=False, float_format=lambda v: f"{v:.4f}")
+            if len(table)
+            else "<p>nothing scored</p>"
+        )
+        + "<h2>Samples</h2>"
+        + "\n".join(rows)
+        + "</body></html>"
+    )
+    url = f"{output.rstrip('/')}/report/index.html"
+    with fsspec.open(url, "w") as f:
+        f.write(body)
+    return url

@@ -1,0 +1,211 @@
+"""The evaluation job: spec -> Ray Data batch generation (actor pool, pipeline loaded once per
+actor, GPU fraction from config) -> scoring actors -> ``results.parquet``, the aggregate table,
+an HTML report and one MLflow run.
+
+Resumable: a sample whose ``result.json`` exists is not touched again; one that was generated but
+not scored is only scored; failed ones are retried (their reasons stay in ``results.parquet``
+until they succeed). Per-sample work lives in :mod:`pipelines.eval_records`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import fsspec
+
+from pipelines import eval_records as er
+
+
+def _init_ray(cfg) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address=cfg.ray.address,
+            num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
+            log_to_driver=False,
+        )
+
+
+def _absolute(path: str | None) -> str | None:
+    import os
+
+    if path is None or "://" in path or os.path.isabs(path) or not os.path.exists(path):
+        return path  # URLs, hub ids
+    return os.path.abspath(path)
+
+
+def plan(cfg) -> dict:
+    """What is left to do: rows to generate, generated rows to score, results already there."""
+    rows = er.load_spec(cfg.spec, cfg.num_references)
+    todo_generate, todo_score, done = [], [], []
+    for row in rows:
+        row["shards"] = _absolute(row["shards"])
+        d = er.sample_dir(cfg.output, row["sample_id"])
+        result = er.read_json(f"{d}/result.json")
+        if result is not None:
+            done.append(result)
+            continue
+        meta = er.read_json(f"{d}/sample.json")
+        (todo_score if meta is not None and meta.get("status") == "generated" else todo_generate).append(
+            meta if meta is not None and meta.get("status") == "generated" else row
+        )
+    return {"rows": rows, "generate": todo_generate, "score": todo_score, "done": done}
+
+
+def run_evaluate(cfg) -> dict:
+    """Run (or resume) an evaluation; returns the summary."""
+    import pandas as pd
+    import ray
+
+    from mvcustom.configs import to_dict
+
+    if not cfg.model or not cfg.output:
+        raise ValueError("config keys 'model' and 'output' are required (set them in the YAML or with --set)")
+    import os
+
+    # Ray workers run in their own working directory: pin local relative paths
+    cfg.model, cfg.spec, cfg.depth_model = (
+        _absolute(cfg.model),
+        _absolute(cfg.spec),
+        _absolute(cfg.depth_model),
+    )
+    if "://" not in cfg.output:
+        cfg.output = os.path.abspath(cfg.output)
+    work = plan(cfg)
+    t0 = time.time()
+    new: list[dict] = []
+    if work["generate"] or work["score"]:
+        _init_ray(cfg)
+        ctx = ray.data.DataContext.get_current()
+        ctx.max_errored_blocks = cfg.ray.max_errored_blocks
+        ctx.op_resource_reservation_enabled = cfg.ray.reserve_operator_resources
+        config = to_dict(cfg)
+        parts = []
+        if work["generate"]:
+            # rows travel as JSON: Ray Data would turn a column mixing None and text into floats
+            todo = [{"record": json.dumps(r)} for r in work["generate"]]
+            gen = ray.data.from_items(todo, override_num_blocks=len(todo))
+            gen = gen.map_batches(
+                er.GenerateSamples,
+                fn_constructor_kwargs={"config": config},
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+                num_cpus=1,
+                num_gpus=cfg.num_gpus,
+            )
+            parts.append(gen)
+        if work["score"]:
+            ready = [{"record": json.dumps(m)} for m in work["score"]]
+            parts.append(ray.data.from_items(ready, override_num_blocks=len(ready)))
+        ds = parts[0] if len(parts) == 1 else parts[0].union(parts[1])
+        ds = ds.map_batches(
+            er.ScoreSamples,
+            fn_constructor_kwargs={"config": config},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=cfg.scorers),
+            num_cpus=1,
+        )
+        for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
+            new += er.records({"record": list(batch["record"])})
+    seconds = time.time() - t0
+    results = pd.DataFrame(work["done"] + new)
+    order = {r["sample_id"]: i for i, r in enumerate(work["rows"])}
+    results = results.sort_values("sample_id", key=lambda s: s.map(order)).reset_index(drop=True)
+    for col in ("failure_reason", "pose_failure_reason"):
+        if col not in results:
+            results[col] = None
+    table = er.aggregate(results)
+    out = cfg.output.rstrip("/")
+    with fsspec.open(f"{out}/results.parquet", "wb") as f:
+        results.to_parquet(f, index=False)
+    with fsspec.open(f"{out}/aggregate.parquet", "wb") as f:
+        table.to_parquet(f, index=False)
+    with fsspec.open(f"{out}/aggregate.csv", "w") as f:
+        table.to_csv(f, index=False)
+    score_only = {m["sample_id"] for m in work["score"]}
+    generated_now = [
+        r for r in new if r["sample_id"] not in score_only and r["status"] != "generation_failed"
+    ]
+    summary = {
+        "output": out,
+        "samples": len(work["rows"]),
+        "scored": int((results["status"] == "scored").sum()),
+        "failed": int((results["status"] != "scored").sum()),
+        "skipped_already_scored": len(work["done"]),
+        "scored_only": len(work["score"]),
+        "generated_now": len(generated_now),
+        "seconds": round(seconds, 2),
+        "failure_reasons": {
+            r["sample_id"]: r["failure_reason"]
+            for r in results.to_dict("records")
+            if isinstance(r.get("failure_reason"), str)
+        },
+    }
+    if summary["generated_now"] and seconds > 0:
+        summary["samples_per_min"] = round(60 * summary["generated_now"] / seconds, 3)
+    scored = results[results["status"] == "scored"]
+    for m in (*er.METRICS, "covered_fraction", "score_seconds", "generate_seconds"):
+        if m in scored and len(scored):
+            vals = pd.to_numeric(scored[m], errors="coerce").dropna()
+            if len(vals):
+                summary[f"{m}_mean"] = float(vals.mean())
+                summary[f"{m}_std"] = float(vals.std()) if len(vals) > 1 else 0.0
+    summary["mlflow_run_id"] = _log_mlflow(cfg, summary, results, table)
+    summary["report"] = er.write_report(out, results, table, summary["mlflow_run_id"])
+    if summary["mlflow_run_id"] and "://" not in out:
+        import mlflow
+
+        from mvcustom.training.tracking import tracking_uri
+
+        mlflow.MlflowClient(tracking_uri(cfg.mlflow)).log_artifact(
+            summary["mlflow_run_id"], summary["report"], "report"
+        )
+    return summary
+
+
+def _log_mlflow(cfg, summary: dict, results, table) -> str | None:
+    """Params, figures (overall and per variant), the tables, image grids and trajectory plots."""
+    if not cfg.mlflow.enabled:
+        return None
+    import mlflow
+
+    from mvcustom.configs import flatten, to_dict
+    from mvcustom.training.tracking import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri(cfg.mlflow))
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment)
+    run = client.create_run(exp_id, run_name=cfg.mlflow.run_name, tags={"mvcustom.job": "evaluate"})
+    rid = run.info.run_id
+    params = {k: str(v)[:6000] for k, v in flatten(to_dict(cfg)).items()}
+    items = list(params.items())
+    for i in range(0, len(items), 100):
+        client.log_batch(rid, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]])
+    metrics = {
+        k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    for r in table.to_dict("records") if len(table) else []:
+        if r["level"] == "all":
+            for k, v in r.items():
+                if k.endswith(("_mean", "_std")) and v == v:
+                    metrics[f"{r['variant']}/{k}"] = float(v)
+    client.log_batch(
+        rid, metrics=[mlflow.entities.Metric(k, v, int(time.time() * 1000), 0) for k, v in metrics.items()]
+    )
+    client.log_table(rid, data=results.astype(str), artifact_file="results_table.json")
+    if len(table):
+        client.log_table(rid, data=table, artifact_file="aggregate_table.json")
+    client.log_dict(rid, summary, "summary.json")
+    out = cfg.output.rstrip("/")
+    if "://" not in out:
+        client.log_artifact(rid, f"{out}/results.parquet")
+        client.log_artifact(rid, f"{out}/aggregate.csv")
+        shown = results[results["status"] == "scored"].head(cfg.report_samples)
+        for sid in shown["sample_id"]:
+            d = er.sample_dir(out, sid)
+            client.log_artifact(rid, f"{d}/grid.png", f"samples/{sid}")
+            client.log_artifact(rid, f"{d}/trajectory.png", f"samples/{sid}")
+    client.set_terminated(rid)
+    return rid

@@ -1,0 +1,147 @@
+"""The evaluation job (issue 6): spec expansion, trajectory placement, and the Ray Data job end
+to end with a tiny model (generation actors, scoring, results, report, MLflow, resume)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from mvcustom.geometry.trajectories import orbit, place_trajectory, subject_frame
+from pipelines.eval_records import expand_spec, load_spec
+
+
+def test_subject_frame_recovers_the_circle_the_references_lie_on():
+    refs = orbit(
+        5,
+        radius=2.5,
+        elevation_deg=30,
+        start_azimuth_deg=40,
+        span_deg=120,
+        target=(0.1, -0.2, 0.3),
+        image_hw=(64, 64),
+        fov_deg=45,
+    )
+    f = subject_frame(refs)
+    assert torch.allclose(
+        torch.tensor(f["target"], dtype=torch.float64), torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64), atol=1e-9
+    )
+    assert torch.allclose(
+        torch.tensor(f["up"], dtype=torch.float64), torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), atol=1e-9
+    )
+    assert f["radius"] == pytest.approx(2.5) and f["elevation_deg"] == pytest.approx(30)
+    # an arc placed there starts at the first reference camera (same pose; intrinsics rescaled)
+    arc = place_trajectory("arc", 4, refs, (32, 32), span_deg=60)
+    assert torch.allclose(arc.w2c[0], refs.w2c[0], atol=1e-9)
+    assert torch.allclose(arc.K[0], refs.resize(32, 32).K[0], atol=1e-9)
+    assert len(place_trajectory("forward", 3, refs, (32, 32))) == 3
+    with pytest.raises(ValueError, match="no parameter"):
+        place_trajectory("forward", 3, refs, (32, 32), span_deg=10)
+    with pytest.raises(ValueError, match="at least 2"):
+        subject_frame(refs[:1])
+
+
+def test_spec_expands_to_stable_unique_sample_ids(tmp_path):
+    spec = {
+        "subjects": [{"name": "teddy", "shards": "s"}],
+        "prompts": ["a <sks> toy", "a <sks> toy on grass"],
+        "trajectories": [{"name": "arc", "kind": "arc", "span_deg": 60}],
+        "seeds": [0, 1],
+        "variants": {"mvcustom": {}, "plain": {"feature_rendering": False}},
+    }
+    rows = expand_spec(spec, default_references=3)
+    assert len(rows) == 2 * 2 * 2
+    assert rows[0]["sample_id"] == "teddy-mvcustom-arc-p0-s0" and rows[0]["num_references"] == 3
+    assert len({r["sample_id"] for r in rows}) == 8
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert [r["sample_id"] for r in load_spec(str(path), 3)] == [r["sample_id"] for r in rows]
+    pd.DataFrame(rows).to_parquet(tmp_path / "spec.parquet")
+    assert [r["sample_id"] for r in load_spec(str(tmp_path / "spec.parquet"), 3)] == [
+        r["sample_id"] for r in rows
+    ]
+    with pytest.raises(ValueError, match="unknown keys"):
+        expand_spec({**spec, "subject": []}, 3)
+    with pytest.raises(ValueError, match="'kind'"):
+        expand_spec({**spec, "trajectories": [{"name": "x"}]}, 3)
+
+
+@pytest.mark.slow
+def test_evaluation_job_generates_scores_reports_and_resumes(
+    train_shards, tiny_zoedepth, tmp_path, ray_local
+):
+    import mlflow
+
+    from jobs.evaluate import main
+    from mvcustom.models import MVCustomModel
+    from mvcustom.models.mvcustom import MVCustomConfig
+
+    model = MVCustomModel.tiny(MVCustomConfig(subject_tokens=["<sks>"], subject_init_words=["toy"]), seed=0)
+    model.save_pretrained(str(tmp_path / "model"))
+    spec = {
+        "subjects": [
+            {"name": "teddy", "shards": train_shards, "num_references": 2},
+            {"name": "ghost", "shards": train_shards, "sequence": "no-such-sequence"},
+        ],
+        "prompts": ["a photo of a <sks> teddybear"],
+        "trajectories": [{"name": "arc40", "kind": "arc", "span_deg": 40}],
+        "seeds": [0],
+        "variants": {"mvcustom": {}, "plain": {"feature_rendering": False}},
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["--config", "jobs/configs/evaluate_debug.yaml"]
+    for s in (
+        f"model={tmp_path / 'model'}",
+        f"depth_model={tiny_zoedepth}",
+        f"spec={tmp_path / 'spec.yaml'}",
+        f"output={tmp_path / 'eval'}",
+        f"mlflow.tracking_uri={uri}",
+        "actors=2",
+    ):
+        argv += ["--set", s]
+    first = main(argv)
+    assert first["samples"] == 4 and first["scored"] == 2 and first["failed"] == 2
+    assert first["generated_now"] == 2 and first["samples_per_min"] > 0
+    # the ghost subject failed with a reason naming it; the others went on
+    reasons = first["failure_reasons"]
+    assert set(reasons) == {"ghost-mvcustom-arc40-p0-s0", "ghost-plain-arc40-p0-s0"}
+    assert all("no-such-sequence" in r for r in reasons.values())
+    results = pd.read_parquet(tmp_path / "eval" / "results.parquet")
+    assert len(results) == 4
+    ok = results[results.status == "scored"]
+    for m in ("pose_accuracy", "multiview_consistency", "identity", "text_alignment"):
+        assert ok[m].notna().all()
+    # 32x32 frames of a random model do not reconstruct: scored 0 and flagged, not dropped
+    assert (ok.pose_accuracy[ok.pose_failed] == 0).all()
+    rendered = ok[ok.variant == "mvcustom"].iloc[0]
+    assert 0 < rendered.covered_fraction <= 1
+    agg = pd.read_csv(tmp_path / "eval" / "aggregate.csv")
+    assert set(agg.variant) == {"mvcustom", "plain"} and "pose_accuracy_mean" in agg
+    sample = tmp_path / "eval" / "samples" / "teddy-mvcustom-arc40-p0-s0"
+    assert (sample / "frame_003.png").exists() and (sample / "trajectory.png").exists()
+    report = Path(first["report"])
+    assert report.exists() and "teddy-plain-arc40-p0-s0" in report.read_text()
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(first["mlflow_run_id"])
+    assert {"mvcustom/pose_accuracy_mean", "plain/identity_mean", "scored"} <= set(run.data.metrics)
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"results.parquet", "aggregate.csv", "report", "samples", "results_table.json"} <= arts
+
+    # rerun: the scored samples are skipped, the failed ones tried again
+    second = main(argv)
+    assert second["skipped_already_scored"] == 2 and second["generated_now"] == 0 and second["failed"] == 2
+    # a generated but unscored sample is scored without generating it again
+    (sample / "result.json").unlink()
+    before = (sample / "frame_000.png").stat().st_mtime_ns
+    third = main(argv)
+    assert third["scored_only"] == 1 and third["skipped_already_scored"] == 1 and third["scored"] == 2
+    assert (sample / "frame_000.png").stat().st_mtime_ns == before
+    again = json.loads((sample / "result.json").read_text())
+    assert again["multiview_consistency"] == pytest.approx(
+        ok[ok.sample_id == sample.name].multiview_consistency.iloc[0]
+    )
