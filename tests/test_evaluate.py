@@ -28,10 +28,14 @@ def test_subject_frame_recovers_the_circle_the_references_lie_on():
     )
     f = subject_frame(refs)
     assert torch.allclose(
-        torch.tensor(f["target"], dtype=torch.float64), torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64), atol=1e-9
+        torch.tensor(f["target"], dtype=torch.float64),
+        torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64),
+        atol=1e-9,
     )
     assert torch.allclose(
-        torch.tensor(f["up"], dtype=torch.float64), torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), atol=1e-9
+        torch.tensor(f["up"], dtype=torch.float64),
+        torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64),
+        atol=1e-9,
     )
     assert f["radius"] == pytest.approx(2.5) and f["elevation_deg"] == pytest.approx(30)
     # an arc placed there starts at the first reference camera (same pose; intrinsics rescaled)
