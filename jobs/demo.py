@@ -9,7 +9,10 @@ Stages built so far:
   3. train stage 1 (backbone: motion modules with progressive STT + camera encoder) on the shards
      with Ray Train, 2 CPU workers, DeepSpeed ZeRO-2, then stage 2 (customization: FeatureNeRF +
      subject token) from the stage-1 export on the CO3D shards; both logged to MLflow.
-Planned stage (its issue is open): evaluate.
+  4. evaluate: generate multi-view clips of the trained subject along camera trajectories placed
+     around its reference views (Ray Data actors; with and without feature rendering), score
+     them (pose accuracy, consistency, identity, text alignment), write results, an HTML
+     report and an MLflow run.
 
     python -m jobs.demo --out .demo
 """
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = str(Path(args.out).resolve())
     t0 = time.time()
 
-    print(f"[1/3] generating sample datasets under {out}/data ...", flush=True)
+    print(f"[1/4] generating sample datasets under {out}/data ...", flush=True)
     index = generate_sample_data(f"{out}/data", load_config(SampleDataConfig, args.config))
     root = f"{out}/data/co3d"
     for category in index["co3d"]["categories"]:
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     for v in index["webvid"]["videos"]:
         print(f"  webvid/{v['path']}: {v['num_frames']} frames, camera motion {v['motion']}")
 
-    print("[2/3] preprocessing to WebDataset shards (Ray Data) ...", flush=True)
+    print("[2/4] preprocessing to WebDataset shards (Ray Data) ...", flush=True)
     from mvcustom.models.zoedepth import save_tiny_zoedepth
     from pipelines.preprocess import run_preprocess
     from pipelines.tracking import log_job
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         for stage, info in s["failure_reasons"].items():
             print(f"    {stage}: {info['count']} (e.g. {info['examples'][0]})")
 
-    print("[3/3] training stage 1 then stage 2 (Ray Train, 2 workers, DeepSpeed ZeRO-2) ...", flush=True)
+    print("[3/4] training stage 1 then stage 2 (Ray Train, 2 workers, DeepSpeed ZeRO-2) ...", flush=True)
     from mvcustom.configs import TrainConfig
     from mvcustom.data.reader import expand_shards
     from mvcustom.training.launch import run_training
@@ -114,6 +117,44 @@ def main(argv: list[str] | None = None) -> dict:
             f"resumed from {t['resumed_from']} -> {t['export']}"
         )
 
+    print("[4/4] evaluating: generate along camera paths, score, report (Ray Data) ...", flush=True)
+    import yaml
+
+    from mvcustom.configs import EvaluateConfig
+    from pipelines.evaluate import run_evaluate
+
+    spec = {
+        "subjects": [{"name": "teddybear", "shards": summaries["co3d"]["output"], "num_references": 2}],
+        "prompts": ["a photo of a <sks> teddybear in a garden"],
+        "trajectories": [
+            {"name": "arc60", "kind": "arc", "span_deg": 60},
+            {"name": "dolly", "kind": "forward"},
+        ],
+        "seeds": [0],
+        "variants": {"mvcustom": {}, "no_rendering": {"feature_rendering": False}},
+    }
+    Path(f"{out}/eval_spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    ecfg = load_config(
+        EvaluateConfig,
+        CONFIGS / "evaluate_debug.yaml",
+        [
+            f"model={trained['customize']['export']}",
+            f"depth_model={zoe}",
+            f"spec={out}/eval_spec.yaml",
+            f"output={out}/eval",
+            f"mlflow.tracking_uri={mlflow_uri}",
+            "clip.height=64",
+            "clip.width=64",
+        ],
+    )
+    ev = run_evaluate(ecfg)
+    print(
+        f"  {ev['scored']}/{ev['samples']} samples scored ({ev['failed']} failed), "
+        f"{ev.get('samples_per_min', 0):.1f} samples/min -> {ev['output']}/results.parquet"
+    )
+    print(f"  report: {ev['report']}")
+    print(f"  MLflow run {ev['mlflow_run_id']} ({mlflow_uri}; `mlflow ui --backend-store-uri {mlflow_uri}`)")
+
     summary = {
         "data": f"{out}/data",
         "shards": {k: v["output"] for k, v in summaries.items()},
@@ -125,8 +166,14 @@ def main(argv: list[str] | None = None) -> dict:
             k: {"export": v["export"], "mlflow_run_id": v["mlflow_run_id"], "loss": v["loss"]}
             for k, v in trained.items()
         },
+        "evaluation": {
+            "results": f"{ev['output']}/results.parquet",
+            "report": ev["report"],
+            "mlflow_run_id": ev["mlflow_run_id"],
+            "scored": ev["scored"],
+            **{k: v for k, v in ev.items() if k.endswith("_mean")},
+        },
         "seconds": round(time.time() - t0, 1),
-        "planned": ["evaluate (issue 6)"],
     }
     print(json.dumps(summary, indent=1))
     return summary

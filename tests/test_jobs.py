@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from mvcustom.configs import SampleDataConfig, from_dict
@@ -39,6 +41,13 @@ def test_demo_job_runs_on_debug_data(tmp_path, capsys, ray_local):
     assert MVCustomModel.from_pretrained(
         summary["training"]["customize"]["export"]
     ).config.subject_tokens == ["<sks>"]
+    # and evaluated: 2 trajectories x (with, without feature rendering), scored and reported
+    ev = summary["evaluation"]
+    assert ev["scored"] == 4 and Path(ev["report"]).exists()
+    results = pd.read_parquet(ev["results"])
+    assert set(results.variant) == {"mvcustom", "no_rendering"} and (results.status == "scored").all()
+    assert "text_alignment_mean" in ev and client.get_run(ev["mlflow_run_id"]).data.metrics["scored"] == 4
+    assert "report:" in out and "MLflow run" in out
 
 
 def test_generator_and_reader_work_through_fsspec_urls():
