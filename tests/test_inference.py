@@ -220,7 +220,7 @@ def test_pipeline_generates_with_rendering_and_completion(pipe):
     assert len(pil.frames) == 1 and pil.frames[0][0].size == (32, 32)
     with pytest.raises(ValueError, match="anchors"):
         run(InferenceOptions(anchors=(7,)))
-    with pytest.raises(ValueError, match="multiple of 8"):
+    with pytest.raises(ValueError, match="multiple of 64"):
         pipe("x", orbit(2, image_hw=(30, 32)), None, num_inference_steps=2)
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from mvcustom.geometry.camera import Cameras
 from mvcustom.geometry.mesh import Mesh, depth_to_mesh, interpolate, rasterize
+from mvcustom.models.mvcustom import feature_hw
 
 Tensor = torch.Tensor
 
@@ -214,9 +215,7 @@ class FeatureRenderingHook:
         if not self.active:
             return None
         BF, tokens, C = output.shape
-        H0, W0 = self.latent_hw
-        s = round((H0 * W0 / tokens) ** 0.5)
-        h, w = H0 // s, W0 // s
+        h, w = feature_hw(self.latent_hw, tokens)
         x = output.reshape(BF // self.num_frames, self.num_frames, h, w, C).permute(0, 1, 4, 2, 3)
         x = self.renderer.replace(x)
         return x.permute(0, 1, 3, 4, 2).reshape(BF, tokens, C)

@@ -268,9 +268,12 @@ class MVCustomPipeline(DiffusionPipeline):
         opts = options or InferenceOptions()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         H, W = (int(v) for v in cameras.image_hw[0].tolist())
-        scale = self.model.vae_scale
+        # the VAE's downsampling times the UNet's: every feature map must tile the image exactly
+        scale = self.model.vae_scale * 2 ** (len(self.model.unet.config.block_out_channels) - 1)
         if H % scale or W % scale:
-            raise ValueError(f"image size {H}x{W} must be a multiple of {scale} (the VAE's downsampling)")
+            raise ValueError(
+                f"image size {H}x{W} must be a multiple of {scale} (VAE x UNet downsampling), e.g. 256x384"
+            )
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be pil, np or pt, got {output_type!r}")
         if opts.feature_rendering and not all(0 <= a < len(cameras) for a in opts.anchors):

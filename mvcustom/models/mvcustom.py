@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -223,9 +222,7 @@ class _PoseHook:
         if state.mode != "inject":
             return None
         BF, tokens, C = output.shape
-        H0, W0 = state.latent_hw
-        s = round(math.sqrt(H0 * W0 / tokens))
-        h, w = H0 // s, W0 // s
+        h, w = feature_hw(state.latent_hw, tokens)
         refs = state.references
         B, Kv = refs.cameras.w2c.shape[:2]
         ref = refs.features[self.index].reshape(B, Kv, h, w, C).permute(0, 1, 4, 2, 3)
@@ -243,6 +240,17 @@ class _PoseHook:
         state.renders[self.index] = render
         rendered = render.features.permute(0, 1, 3, 4, 2).reshape(BF, tokens, C).to(output.dtype)
         return self.block.fuse(torch.cat([output, rendered], -1))
+
+
+def feature_hw(latent_hw: tuple[int, int], tokens: int) -> tuple[int, int]:
+    """The ``(h, w)`` of a UNet feature map with ``tokens`` pixels: the latent size halved (SD's
+    stride-2 convolutions round up) until it matches."""
+    h, w = latent_hw
+    while h * w > tokens and (h > 1 or w > 1):
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != tokens:
+        raise ValueError(f"no feature map of a {latent_hw} latent has {tokens} pixels")
+    return h, w
 
 
 def motion_modules(unet) -> list[tuple[str, int | None, nn.Module]]:
