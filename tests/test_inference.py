@@ -220,8 +220,9 @@ def test_pipeline_generates_with_rendering_and_completion(pipe):
     assert len(pil.frames) == 1 and pil.frames[0][0].size == (32, 32)
     with pytest.raises(ValueError, match="anchors"):
         run(InferenceOptions(anchors=(7,)))
-    with pytest.raises(ValueError, match="multiple of 64"):
-        pipe("x", orbit(2, image_hw=(30, 32)), None, num_inference_steps=2)
+    for bad in ((30, 32), (64, 96)):  # 64x96: the 1x2 deepest map has non-square cells
+        with pytest.raises(ValueError, match="does not tile"):
+            pipe("x", orbit(2, image_hw=bad), None, num_inference_steps=2)
 
 
 def test_pipeline_needs_a_depth_model_for_rendering(pipe):

@@ -268,12 +268,16 @@ class MVCustomPipeline(DiffusionPipeline):
         opts = options or InferenceOptions()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         H, W = (int(v) for v in cameras.image_hw[0].tolist())
-        # the VAE's downsampling times the UNet's: every feature map must tile the image exactly
-        scale = self.model.vae_scale * 2 ** (len(self.model.unet.config.block_out_channels) - 1)
-        if H % scale or W % scale:
-            raise ValueError(
-                f"image size {H}x{W} must be a multiple of {scale} (VAE x UNet downsampling), e.g. 256x384"
-            )
+        # every UNet feature map (SD's stride-2 convolutions round up) must tile the image with
+        # square cells, or the FeatureNeRF's rays and the rendered maps would not line up
+        h, w = H // self.model.vae_scale, W // self.model.vae_scale
+        for _ in range(len(self.model.unet.config.block_out_channels)):
+            if H % h or W % w or H // h != W // w:
+                raise ValueError(
+                    f"image size {H}x{W}: a {h}x{w} UNet feature map does not tile it evenly; use sides "
+                    f"that are multiples of {self.model.vae_scale * 2 ** (len(self.model.unet.config.block_out_channels) - 1)} (e.g. 256x384)"
+                )
+            h, w = -(-h // 2), -(-w // 2)
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be pil, np or pt, got {output_type!r}")
         if opts.feature_rendering and not all(0 <= a < len(cameras) for a in opts.anchors):
