@@ -27,6 +27,7 @@ from mvcustom.configs.preprocess import Co3dInputConfig
 from mvcustom.data import co3d
 from mvcustom.data.schema import ClipSample, make_key
 from mvcustom.geometry import Cameras, cameras_from_co3d_viewpoints
+from mvcustom.geometry.camera import look_at_point
 
 
 @dataclass
@@ -148,20 +149,6 @@ def sample_clip_indices(
         rng = np.random.default_rng([seed, clip_index])
         return sorted(rng.choice(num_available, size=num_frames, replace=False).tolist())
     raise ValueError(f"unknown clip sampling strategy {strategy!r}; expected spread, random or contiguous")
-
-
-def look_at_point(cams: Cameras) -> torch.Tensor:
-    """Least-squares intersection of the cameras' optical axes (world coordinates)."""
-    C = cams.centers.to(torch.float64)
-    d = cams.R[:, 2, :].to(torch.float64)  # optical axis (camera +z) in world coordinates
-    P = torch.eye(3, dtype=torch.float64) - d.unsqueeze(-1) * d.unsqueeze(-2)
-    A = P.sum(0)
-    b = (P @ C.unsqueeze(-1)).sum(0).squeeze(-1)
-    if torch.linalg.cond(A) > 1e6:
-        raise ValueError(
-            "camera optical axes are (nearly) parallel; no look-at point to normalise the scene by"
-        )
-    return torch.linalg.solve(A, b)
 
 
 def normalize_scene(cams: Cameras) -> tuple[Cameras, float]:

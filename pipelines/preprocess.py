@@ -43,6 +43,11 @@ def list_items(cfg: PreprocessConfig) -> Listing:
         from pipelines.co3d_records import list_co3d_items
 
         items, errors = list_co3d_items(cfg.input, cfg.co3d, cfg.clip.num_frames)
+    elif cfg.source == "photos":
+        from pipelines.photos_records import list_photo_items
+
+        p = cfg.photos
+        items, errors = list_photo_items(cfg.input, p.min_photos, p.max_photos, p.caption_template)
     else:
         from pipelines.webvid_records import list_webvid_items
 
@@ -53,7 +58,7 @@ def list_items(cfg: PreprocessConfig) -> Listing:
 def needs_depth_model(cfg: PreprocessConfig) -> bool:
     if not cfg.estimate_depth:
         return False
-    return cfg.source == "webvid" or cfg.co3d.depth in ("zoedepth", "both")
+    return cfg.source in ("webvid", "photos") or cfg.co3d.depth in ("zoedepth", "both")
 
 
 def process_item(item, cfg: PreprocessConfig) -> ClipSample:
@@ -72,6 +77,10 @@ def process_item(item, cfg: PreprocessConfig) -> ClipSample:
             item.quality,
             with_depth=cfg.co3d.depth in ("dataset", "both"),
         )
+    if cfg.source == "photos":
+        from pipelines.photos_records import build_photos_clip
+
+        return build_photos_clip(item, cfg)
     from pipelines.webvid_records import build_webvid_clip
 
     return build_webvid_clip(item, cfg)

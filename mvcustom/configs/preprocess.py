@@ -71,6 +71,24 @@ class WebVidInputConfig:
 
 
 @dataclass
+class PhotosInputConfig:
+    """A folder of a user's own photos per subject (``source: photos``; pipelines/photos_records.py).
+
+    Attributes:
+        min_photos: a subject with fewer photos is an error record.
+        max_photos: at most this many photos per subject (sorted by name).
+        caption_template: caption when the folder has no ``caption.txt`` (``{name}``: folder name).
+    """
+
+    min_photos: int = 6
+    max_photos: int = 64
+    caption_template: str = "a photo of a {name}"
+
+    def __post_init__(self) -> None:
+        check(2 <= self.min_photos <= self.max_photos, "photos: need 2 <= min_photos <= max_photos")
+
+
+@dataclass
 class DepthModelConfig:
     """ZoeDepth estimation in a Ray Data actor pool.
 
@@ -131,19 +149,19 @@ class PreprocessConfig:
     """Raw dataset -> shards.
 
     Attributes:
-        source: ``co3d`` or ``webvid``.
+        source: ``co3d``, ``webvid`` or ``photos`` (a folder of unposed photos per subject).
         input: dataset root (fsspec URL).
         output: output folder for ``{split}-{index:06d}.tar``, ``manifest.parquet``, ``errors.parquet``.
         split: shard name prefix.
         samples_per_shard: clips per tar (the unit of work, retry and resume).
         jpeg_quality: quality of the stored frames.
-        estimate_depth: run ZoeDepth (WebVid always needs it for depth; CO3D per ``co3d.depth``).
-        estimate_poses: run SfM (WebVid; CO3D has annotated cameras).
+        estimate_depth: run ZoeDepth (WebVid and photos need it for depth; CO3D per ``co3d.depth``).
+        estimate_poses: run SfM (WebVid; photos always; CO3D has annotated cameras).
     """
 
     PRESETS = ("debug",)
 
-    source: Literal["co3d", "webvid"] = "co3d"
+    source: Literal["co3d", "webvid", "photos"] = "co3d"
     input: str = ""
     output: str = ""
     split: str = "train"
@@ -154,6 +172,7 @@ class PreprocessConfig:
     clip: ClipConfig = field(default_factory=ClipConfig)
     co3d: Co3dInputConfig = field(default_factory=Co3dInputConfig)
     webvid: WebVidInputConfig = field(default_factory=WebVidInputConfig)
+    photos: PhotosInputConfig = field(default_factory=PhotosInputConfig)
     depth: DepthModelConfig = field(default_factory=DepthModelConfig)
     sfm: SfmConfig = field(default_factory=SfmConfig)
     ray: RayConfig = field(default_factory=RayConfig)

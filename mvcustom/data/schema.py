@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 SCHEMA_VERSION = 1
-SOURCES = ("webvid", "co3d")
+SOURCES = ("webvid", "co3d", "photos")
 _KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")
 FRAME_RE = re.compile(r"^frame_(\d{3,})\.jpg$")
 

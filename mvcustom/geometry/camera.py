@@ -329,3 +329,17 @@ def intrinsics_matrix(fx, fy, cx, cy, dtype=torch.float64) -> Tensor:
     K[:, 1, 2] = cy.expand(n)
     K[:, 2, 2] = 1
     return K
+
+
+def look_at_point(cams: Cameras) -> torch.Tensor:
+    """Least-squares intersection of the cameras' optical axes (world coordinates)."""
+    C = cams.centers.to(torch.float64)
+    d = cams.R[:, 2, :].to(torch.float64)  # optical axis (camera +z) in world coordinates
+    P = torch.eye(3, dtype=torch.float64) - d.unsqueeze(-1) * d.unsqueeze(-2)
+    A = P.sum(0)
+    b = (P @ C.unsqueeze(-1)).sum(0).squeeze(-1)
+    if torch.linalg.cond(A) > 1e6:
+        raise ValueError(
+            "camera optical axes are (nearly) parallel; no look-at point to normalise the scene by"
+        )
+    return torch.linalg.solve(A, b)

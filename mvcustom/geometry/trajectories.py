@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from mvcustom.geometry.camera import Cameras, intrinsics_matrix, look_at
+from mvcustom.geometry.camera import Cameras, intrinsics_matrix, look_at, look_at_point
 
 
 def _basis(up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -169,12 +169,7 @@ def subject_frame(refs: Cameras) -> dict:
         raise ValueError(f"subject_frame needs at least 2 reference cameras, got {len(refs)}")
     refs = refs.to(dtype=torch.float64)
     C = refs.centers
-    d = refs.R[:, 2, :]  # optical axes (camera +z) in world coordinates
-    P = torch.eye(3, dtype=torch.float64) - d.unsqueeze(-1) * d.unsqueeze(-2)  # (N, 3, 3)
-    A, b = P.sum(0), (P @ C.unsqueeze(-1)).sum(0).squeeze(-1)
-    if torch.linalg.matrix_rank(A) < 3:
-        raise ValueError("the reference cameras' optical axes are parallel: no subject centre")
-    target = torch.linalg.solve(A, b)
+    target = look_at_point(refs)
     image_up = -refs.R[:, 1, :].mean(0)
     up = image_up / image_up.norm()
     if len(refs) >= 3:

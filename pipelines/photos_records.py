@@ -1,0 +1,147 @@
+"""A folder of a user's own photos of a subject, with no poses -> one posed clip (issue 5 stage 2).
+
+Layout of ``input``: one sub-folder per subject holding its photos (``.jpg``/``.jpeg``/``.png``,
+any names, any order), optionally a ``caption.txt``; or the photos directly in ``input`` (one
+subject, named after the folder)::
+
+    my_subjects/
+      my_mug/     IMG_0001.jpg ... IMG_0024.jpg   caption.txt ("a photo of a mug", optional)
+      my_dog/     ...
+
+Each subject becomes one clip sample of the shard schema: its photos, centre-cropped to the
+clip's aspect and resized, posed by pycolmap SfM with **exhaustive** matching (photos have no
+order, so sequential matching would miss most pairs) and a shared focal; photos the
+reconstruction does not register are dropped (interpolating a pose between unordered photos would
+be meaningless) and listed in ``json["dropped_photos"]``. The scene is normalised as CO3D clips
+are (``pipelines.co3d_records.normalize_scene``: first camera's frame, mean distance to the
+look-at point 1), so stage 2's FeatureNeRF bounds apply unchanged. Depth comes from ZoeDepth
+when ``estimate_depth`` is on; there are no foreground masks, so stage 2 trains without its
+mask terms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from mvcustom.configs.preprocess import PreprocessConfig
+from mvcustom.data.schema import ClipSample, make_key
+from mvcustom.geometry import Cameras, center_crop_box
+from pipelines.co3d_records import normalize_scene
+from pipelines.webvid_records import RecordError, camera_motion
+
+EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+@dataclass
+class PhotoItem:
+    """One subject: its id (folder name), photo URLs (sorted) and caption."""
+
+    id: str
+    photos: list[str]
+    caption: str
+
+
+def list_photo_items(
+    root: str, min_photos: int, max_photos: int, caption_template: str
+) -> tuple[list[PhotoItem], list[dict]]:
+    """Subjects under ``root`` (see the module docstring); folders with too few photos become
+    error records."""
+    fs, base = fsspec.core.url_to_fs(root)
+    if not fs.isdir(base):
+        raise ValueError(f"photos input {root} is not a folder")
+    proto = root.split("://", 1)[0] + "://" if "://" in root else ""
+
+    def photos_in(folder: str) -> list[str]:
+        names = [p for p in fs.ls(folder, detail=False) if p.lower().endswith(EXTENSIONS)]
+        return sorted(proto + p if proto and not p.startswith(proto) else p for p in names)
+
+    folders = [base] if photos_in(base) else sorted(p for p in fs.ls(base, detail=False) if fs.isdir(p))
+    items, errors = [], []
+    for folder in folders:
+        name = folder.rstrip("/").rsplit("/", 1)[-1]
+        photos = photos_in(folder)
+        if len(photos) < min_photos:
+            errors.append(
+                {
+                    "id": name,
+                    "stage": "list",
+                    "reason": f"{len(photos)} photos, fewer than photos.min_photos={min_photos}",
+                }
+            )
+            continue
+        caption = caption_template.format(name=name.replace("_", " "))
+        if fs.exists(f"{folder}/caption.txt"):
+            with fs.open(f"{folder}/caption.txt", "r") as f:
+                caption = f.read().strip() or caption
+        items.append(PhotoItem(name, photos[:max_photos], caption))
+    if not items and not errors:
+        raise ValueError(
+            f"photos input {root} holds no photos ({', '.join(EXTENSIONS)}) and no sub-folders of them"
+        )
+    return items, errors
+
+
+def load_photo(url: str, height: int, width: int) -> np.ndarray:
+    """A photo upright (EXIF orientation applied), centre-cropped to ``width/height`` and resized."""
+    with fsspec.open(url, "rb") as f:
+        im = ImageOps.exif_transpose(Image.open(io.BytesIO(f.read()))).convert("RGB")
+    x0, y0, cw, ch = center_crop_box(im.height, im.width, height, width)
+    return np.asarray(im.crop((x0, y0, x0 + cw, y0 + ch)).resize((width, height), Image.BICUBIC))
+
+
+def build_photos_clip(item: PhotoItem, cfg: PreprocessConfig) -> ClipSample:
+    """Load, pose (exhaustive SfM), normalise one subject's photos into a clip sample."""
+    from mvcustom.geometry.sfm import run_sfm
+
+    H, W = cfg.clip.height, cfg.clip.width
+    try:
+        frames = np.stack([load_photo(p, H, W) for p in item.photos])
+    except Exception as e:
+        raise RecordError("read", f"{type(e).__name__}: {e}") from None
+    try:
+        res = run_sfm(frames, dataclasses.replace(cfg.sfm, matcher="exhaustive"))
+    except Exception as e:
+        raise RecordError("sfm", f"pycolmap failed: {type(e).__name__}: {e}") from None
+    if not res.ok:
+        raise RecordError("sfm", res.reason)
+    keep = sorted(res.registered_frames)
+    if len(keep) < 2:
+        raise RecordError("sfm", f"only {len(keep)} photo(s) registered")
+    cams = Cameras(res.cameras.w2c[keep], res.cameras.K[keep], (H, W))
+    try:
+        cams, scale = normalize_scene(cams)
+    except ValueError as e:
+        raise RecordError("sfm", str(e)) from None
+    meta = {
+        "source": "photos",
+        "sequence": item.id,
+        "category": None,
+        "caption": item.caption,
+        "frame_indices": keep,
+        "fps": None,
+        "original_size_hw": None,
+        "stored_size_hw": [H, W],
+        "depth_source": None,
+        "depth_units": None,
+        "pose_source": "pycolmap_sfm",
+        "pose_quality": res.quality(),
+        "scene_scale": scale,
+        "camera_motion": camera_motion(cams),
+        "photos": [item.photos[i].rsplit("/", 1)[-1] for i in keep],
+        "dropped_photos": [p.rsplit("/", 1)[-1] for i, p in enumerate(item.photos) if i not in set(keep)],
+    }
+    return ClipSample(
+        key=make_key("photos", item.id, 0),
+        meta=meta,
+        caption=item.caption,
+        frames=np.ascontiguousarray(frames[keep]),
+        intrinsics=cams.K.to(torch.float32).numpy(),
+        extrinsics=cams.w2c.to(torch.float32).numpy(),
+    )
