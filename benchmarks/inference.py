@@ -36,18 +36,39 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def sample_cost(frames: int, hw: tuple[int, int], steps: int, repeats: int) -> dict:
+def scaled_model(width: int):
+    """The tiny model's layout with ``width`` x its channels (1 = ``MVCustomModel.tiny``)."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    from mvcustom.models import MVCustomModel
+    from mvcustom.models import components as comp
+    from mvcustom.models.mvcustom import MVCustomConfig
+
+    if width == 1:
+        return MVCustomModel.tiny(seed=0)
+    parts = comp.tiny_components(seed=0)
+    unet_cfg = comp.tiny_unet2d_config()
+    unet_cfg["block_out_channels"] = tuple(width * c for c in unet_cfg["block_out_channels"])
+    unet_cfg["attention_head_dim"] = 8
+    adapter_cfg = comp.tiny_motion_adapter_config()
+    adapter_cfg["block_out_channels"] = unet_cfg["block_out_channels"]
+    torch_seed = __import__("torch").manual_seed(0)
+    del torch_seed
+    parts.unet = UNetMotionModel.from_unet2d(UNet2DConditionModel(**unet_cfg), MotionAdapter(**adapter_cfg))
+    return MVCustomModel(parts, MVCustomConfig())
+
+
+def sample_cost(frames: int, hw: tuple[int, int], steps: int, repeats: int, width: int = 1) -> dict:
     import numpy as np
     import torch
 
     from mvcustom.geometry.trajectories import orbit
     from mvcustom.inference.pipeline import InferenceOptions, MVCustomPipeline, ReferenceViews
     from mvcustom.inference.sampler import ddim_scheduler
-    from mvcustom.models import MVCustomModel
     from mvcustom.models.zoedepth import DepthEstimator, save_tiny_zoedepth
 
     torch.manual_seed(0)
-    model = MVCustomModel.tiny(seed=0)
+    model = scaled_model(width).eval()
     with tempfile.TemporaryDirectory() as d:
         zoe = DepthEstimator(save_tiny_zoedepth(f"{d}/zoe"), device="cpu", input_size=hw)
     pipe = MVCustomPipeline(model, ddim_scheduler(model.scheduler_config), zoe)
@@ -80,6 +101,8 @@ def sample_cost(frames: int, hw: tuple[int, int], steps: int, repeats: int) -> d
     t_full = _median_seconds(lambda: run(full), repeats)
     t_depth = _median_seconds(lambda: zoe(np.zeros((1, *hw, 3), np.uint8)), repeats)
     return {
+        "unet_widths": list(model.unet.config.block_out_channels),
+        "unet_params_m": round(sum(p.numel() for p in model.unet.parameters()) / 1e6, 2),
         "frames": frames,
         "size": list(hw),
         "steps": steps,
@@ -180,10 +203,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--samples", type=int, default=4, help="samples per eval-job run")
     ap.add_argument("--actors", default="1,2")
+    ap.add_argument("--widths", default="1,8", help="UNet width multipliers of the tiny layout")
     args = ap.parse_args()
     H, W = (int(v) for v in args.size.split("x"))
     report = {"anchor_coverage": anchor_coverage()}
-    report["sample_cost"] = sample_cost(args.frames, (H, W), args.steps, args.repeats)
+    report["sample_cost"] = [
+        sample_cost(args.frames, (H, W), args.steps, args.repeats, int(w)) for w in args.widths.split(",")
+    ]
     print(json.dumps(report), flush=True)
     report["eval_job"] = eval_throughput(args.samples, [int(a) for a in args.actors.split(",")])
     print(json.dumps(report, indent=1))
