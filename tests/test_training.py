@@ -58,6 +58,9 @@ def test_deepspeed_config_is_derived_from_the_typed_config():
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_optimization"]["reduce_bucket_size"] == 1000  # merged, not replacing the section
+    assert "stage3_max_reuse_distance" not in ds["zero_optimization"]  # DeepSpeed's default
+    debug = from_dict(TrainConfig, {"preset": "debug", "deepspeed": {"zero_stage": 3}}, "t")
+    assert deepspeed_config(debug, torch.device("cpu"))["zero_optimization"]["stage3_max_reuse_distance"] == 0
     assert ds["bf16"]["enabled"] is False  # auto on CPU
     assert deepspeed_config(cfg, torch.device("cuda", 0))["bf16"]["enabled"] is True
     bad = from_dict(TrainConfig, {"deepspeed": {"zero_stage": 0, "offload_optimizer": True}}, "t")

@@ -36,6 +36,8 @@ def deepspeed_config(cfg, device: torch.device) -> dict:
     if ds.zero_stage == 3:
         # let engine.save_16bit_model gather full weights (the export path does not rely on it)
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if ds.stage3_max_reuse_distance is not None:
+            zero["stage3_max_reuse_distance"] = ds.stage3_max_reuse_distance
     out = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.optim.grad_accum,
