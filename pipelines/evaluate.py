@@ -92,7 +92,7 @@ def run_evaluate(cfg) -> dict:
                 fn_constructor_kwargs={"config": config},
                 batch_size=1,
                 compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-                num_cpus=1,
+                num_cpus=cfg.actor_cpus,
                 num_gpus=cfg.num_gpus,
             )
             parts.append(gen)
@@ -105,7 +105,7 @@ def run_evaluate(cfg) -> dict:
             fn_constructor_kwargs={"config": config},
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=cfg.scorers),
-            num_cpus=1,
+            num_cpus=cfg.scorer_cpus,
         )
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
             new += er.records({"record": list(batch["record"])})

@@ -85,6 +85,10 @@ class EvaluateConfig:
             aggregate table and the HTML report.
         actors: generation actor pool size. num_gpus: GPUs per generation actor (fractional
             allowed: several actors share a GPU). scorers: scoring actor pool size (CPU: SfM).
+        actor_cpus, scorer_cpus: CPUs reserved per generation / scoring actor. Keep
+            ``actors * actor_cpus + scorers * scorer_cpus`` within the cluster's CPUs, or the
+            scorers wait for generation to end (on 2 CPUs, whole-CPU actors starved Ray Data,
+            STACK.md); the debug preset uses 0.5.
         num_references: reference views per subject unless the spec says otherwise.
         report_samples: samples whose image grids and trajectory plots go to MLflow.
     """
@@ -98,6 +102,8 @@ class EvaluateConfig:
     actors: int = 1
     num_gpus: float = 0.0
     scorers: int = 1
+    actor_cpus: float = 1.0
+    scorer_cpus: float = 1.0
     num_references: int = 5
     report_samples: int = 8
     clip: ClipConfig = field(default_factory=ClipConfig)
@@ -109,6 +115,7 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         check(self.actors >= 1 and self.num_gpus >= 0, "actors must be >= 1 and num_gpus >= 0")
         check(self.scorers >= 1, "scorers must be >= 1")
+        check(self.actor_cpus > 0 and self.scorer_cpus > 0, "actor_cpus and scorer_cpus must be positive")
         check(self.num_references >= 1, "num_references must be >= 1")
         check(
             self.sampling.anchors <= self.clip.num_frames,
@@ -120,6 +127,8 @@ class EvaluateConfig:
         return cls(
             depth_model=None,
             num_references=2,
+            actor_cpus=0.5,
+            scorer_cpus=0.5,
             clip=ClipConfig(num_frames=4, height=32, width=32),
             sampling=SamplingConfig(
                 num_inference_steps=4, feature_rendering_steps=3, completion_until_step=1
