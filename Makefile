@@ -12,7 +12,7 @@ DEMO_DIR ?= $(CURDIR)/.demo
 # This machine's pip config names find-links folders that do not exist; pip warns once per package.
 PIP_NOISE := is ignored: it is neither a file nor a directory
 
-.PHONY: venv demo test test-fast bench lint format lock clean
+.PHONY: venv demo test test-fast bench lint format lock clean submit
 
 venv: $(STAMP)
 
@@ -38,6 +38,11 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	@mkdir -p $(TMP_ROOT)
 	@for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+# Submit a job to a Ray cluster and follow it (exit status = the job's):
+#   make submit RAY_ADDRESS=http://head:8265 ARGS="python -m jobs.train --config ... --set ray.address=auto"
+submit: $(STAMP)
+	$(BIN)/python infra/submit.py -- $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
