@@ -38,7 +38,7 @@ def _kill_tree(marker: str) -> None:
     psutil.wait_procs(procs, timeout=15)
 
 
-def _wait_for_job_agent(address: str, timeout: float = 90.0) -> None:
+def _wait_for_job_agent(address: str, token: str, timeout: float = 90.0) -> None:
     """``ray start`` returns before the node's job agent serves; a submission meanwhile gets
     "No available agent". Wait until a no-op job is accepted and finishes."""
     import time
@@ -51,7 +51,10 @@ def _wait_for_job_agent(address: str, timeout: float = 90.0) -> None:
     )
     deadline = time.time() + timeout
     while True:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+        env = {**os.environ, "RAY_AUTH_TOKEN_PATH": token}
+        r = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout
+        )
         if r.returncode == 0:
             return
         if time.time() > deadline or "No available agent" not in r.stderr:
@@ -62,9 +65,15 @@ def _wait_for_job_agent(address: str, timeout: float = 90.0) -> None:
 @pytest.fixture(scope="module")
 def ray_head():
     """A head node on loopback with 2 CPUs and its dashboard (job server) on 127.0.0.1."""
+    import secrets
+
     temp = tempfile.mkdtemp(prefix="mvc-ray-", dir="/tmp")  # short: Ray's unix socket paths
     port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_TMPDIR": temp}
+    # this cluster's own token (never the user's ~/.ray/auth_token), auth on
+    token = Path(temp) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = {**os.environ, "RAY_TMPDIR": temp, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     cmd = [RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1"]
     cmd += ["--node-ip-address=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"]
     # every per-node port explicit: the defaults (52365 for the job agent...) collide with any
@@ -83,8 +92,8 @@ def ray_head():
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         address = f"http://127.0.0.1:{dash}"
-        _wait_for_job_agent(address)
-        yield address
+        _wait_for_job_agent(address, str(token))
+        yield address, str(token)
     finally:
         _kill_tree(temp)
         shutil.rmtree(temp, ignore_errors=True)
@@ -104,8 +113,9 @@ def test_runtime_env_uploads_code_only():
 def test_submit_runs_a_job_on_the_cluster_and_returns_its_status(ray_head, tmp_path, capfd):
     """The job runs on the cluster (its own process, the uploaded code), its logs stream back,
     the exit status is the job's; auth is on: a client without the token is refused."""
+    address, token = ray_head
     out = tmp_path / "sample"
-    job = [sys.executable, "infra/submit.py", "--address", ray_head, "--"]
+    job = [sys.executable, "infra/submit.py", "--address", address, "--token-file", token, "--"]
     ok = subprocess.run(
         job
         + [
@@ -126,9 +136,7 @@ def test_submit_runs_a_job_on_the_cluster_and_returns_its_status(ray_head, tmp_p
     index = json.loads((out / "ground_truth" / "index.json").read_text())
     assert index["co3d"]["categories"]  # the job wrote its outputs
     assert "raysubmit_" in ok.stderr
-    token_file = Path.home() / ".ray" / "auth_token"
-    if token_file.exists():  # the secret is never echoed
-        assert token_file.read_text().strip() not in ok.stdout + ok.stderr
+    assert Path(token).read_text().strip() not in ok.stdout + ok.stderr  # the secret is never echoed
 
     bad = subprocess.run(
         job + [sys.executable, "-c", "import sys; print('about to fail'); sys.exit(3)"],
@@ -139,9 +147,9 @@ def test_submit_runs_a_job_on_the_cluster_and_returns_its_status(ray_head, tmp_p
     )
     assert bad.returncode == 1 and "about to fail" in bad.stdout and "FAILED" in bad.stderr
 
-    # auth is on: Ray's client without the token mode is refused
+    # auth is on: a client that does not send the token is refused
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    code = f"from ray.job_submission import JobSubmissionClient as C; C({ray_head!r}).list_jobs()"
+    code = f"from ray.job_submission import JobSubmissionClient as C; C({address!r}).list_jobs()"
     refused = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
