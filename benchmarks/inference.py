@@ -52,8 +52,9 @@ def scaled_model(width: int):
     unet_cfg["attention_head_dim"] = 8
     adapter_cfg = comp.tiny_motion_adapter_config()
     adapter_cfg["block_out_channels"] = unet_cfg["block_out_channels"]
-    torch_seed = __import__("torch").manual_seed(0)
-    del torch_seed
+    import torch
+
+    torch.manual_seed(0)
     parts.unet = UNetMotionModel.from_unet2d(UNet2DConditionModel(**unet_cfg), MotionAdapter(**adapter_cfg))
     return MVCustomModel(parts, MVCustomConfig())
 

@@ -12,8 +12,8 @@ What it does, and why:
   ``--token-file`` / ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token`` and is never printed.
 * **The upload is the code only**: ``working_dir`` is the repository with the virtualenv, scratch,
   demo and data folders, caches and shard/model files excluded (:data:`EXCLUDES`), and nothing is
-  installed at job start (no ``pip``/``conda`` in the runtime env): the cluster image holds the
-  pinned environment (``infra/docker/Dockerfile`` in issue 7).
+  installed at job start (no ``pip``/``conda`` in the runtime env): the cluster's image must hold
+  the pinned environment.
 * **One exit status**: 0 when the job SUCCEEDED, 1 when it FAILED or was STOPPED, 130 on Ctrl-C
   (which stops the job, so nothing keeps running unattended).
 """

@@ -275,11 +275,17 @@ class GenerateSamples:
         self.references: dict[tuple, tuple] = {}
 
     def _refs(self, row: dict, image_hw):
+        """The subject's reference views and the folder they are saved in (for the identity
+        metric): loaded and written once per subject and actor."""
         key = (row["shards"], row["sequence"], row["num_references"])
         if key not in self.references:
-            self.references[key] = load_references(
-                row["shards"], row["sequence"], row["num_references"], image_hw
+            refs, clip_key = load_references(row["shards"], row["sequence"], row["num_references"], image_hw)
+            ref_dir = (
+                f"{self.cfg.output.rstrip('/')}/references/{_SAFE.sub('_', clip_key)}-{len(refs.images)}"
             )
+            for i, im in enumerate(refs.images):
+                _write_png(f"{ref_dir}/ref_{i:03d}.png", im)
+            self.references[key] = (refs, ref_dir)
         return self.references[key]
 
     def generate(self, row: dict) -> dict:
@@ -289,7 +295,7 @@ class GenerateSamples:
         out = sample_dir(cfg.output, row["sample_id"])
         image_hw = (cfg.clip.height, cfg.clip.width)
         t0 = time.perf_counter()
-        refs, ref_key = self._refs(row, image_hw)
+        refs, ref_dir = self._refs(row, image_hw)
         traj = dict(json.loads(row["trajectory"]))
         kind = traj.pop("kind")
         traj.pop("name", None)
@@ -313,9 +319,6 @@ class GenerateSamples:
         for i, f in enumerate(frames):
             _write_png(f"{out}/frame_{i:03d}.png", f)
         _write_png(f"{out}/grid.png", video_grid_image(frames))
-        ref_dir = f"{cfg.output.rstrip('/')}/references/{_SAFE.sub('_', ref_key)}-{len(refs.images)}"
-        for i, im in enumerate(refs.images):
-            _write_png(f"{ref_dir}/ref_{i:03d}.png", im)
         info = result.debug[0] if result.debug else {}
         meta = {
             **row,

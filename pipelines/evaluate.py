@@ -14,6 +14,7 @@ import time
 
 import fsspec
 
+from mvcustom.configs.base import pin_local_path
 from pipelines import eval_records as er
 
 
@@ -28,20 +29,12 @@ def _init_ray(cfg) -> None:
         )
 
 
-def _absolute(path: str | None) -> str | None:
-    import os
-
-    if path is None or "://" in path or os.path.isabs(path) or not os.path.exists(path):
-        return path  # URLs, hub ids
-    return os.path.abspath(path)
-
-
 def plan(cfg) -> dict:
     """What is left to do: rows to generate, generated rows to score, results already there."""
     rows = er.load_spec(cfg.spec, cfg.num_references)
     todo_generate, todo_score, done = [], [], []
     for row in rows:
-        row["shards"] = _absolute(row["shards"])
+        row["shards"] = pin_local_path(row["shards"], must_exist=True)
         d = er.sample_dir(cfg.output, row["sample_id"])
         result = er.read_json(f"{d}/result.json")
         if result is not None:
@@ -63,16 +56,9 @@ def run_evaluate(cfg) -> dict:
 
     if not cfg.model or not cfg.output:
         raise ValueError("config keys 'model' and 'output' are required (set them in the YAML or with --set)")
-    import os
-
     # Ray workers run in their own working directory: pin local relative paths
-    cfg.model, cfg.spec, cfg.depth_model = (
-        _absolute(cfg.model),
-        _absolute(cfg.spec),
-        _absolute(cfg.depth_model),
-    )
-    if "://" not in cfg.output:
-        cfg.output = os.path.abspath(cfg.output)
+    cfg.model, cfg.spec = pin_local_path(cfg.model, True), pin_local_path(cfg.spec, True)
+    cfg.depth_model, cfg.output = pin_local_path(cfg.depth_model, True), pin_local_path(cfg.output)
     work = plan(cfg)
     t0 = time.time()
     new: list[dict] = []

@@ -226,3 +226,14 @@ def check(cond: bool, message: str) -> None:
     """Raise ``ValueError`` for a contradictory config (use in ``__post_init__``)."""
     if not cond:
         raise ValueError(message)
+
+
+def pin_local_path(path: str | None, must_exist: bool = False) -> str | None:
+    """``path`` made absolute when it is a local relative path; URLs (``s3://...``) and ``None``
+    pass through. Ray workers run in their own working directory, so jobs pin paths on the
+    driver. ``must_exist``: also leave alone names that are not existing local paths (hub ids)."""
+    import os
+
+    if path is None or "://" in path or os.path.isabs(path) or (must_exist and not os.path.exists(path)):
+        return path
+    return os.path.abspath(path)

@@ -13,21 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from mvcustom.inference.sampler import predict_x0  # noqa: F401  (re-exported: completion's x0)
+
 Tensor = torch.Tensor
-
-
-def predict_x0(scheduler, sample: Tensor, prediction: Tensor, timestep) -> Tensor:
-    """The clean latent implied by ``prediction`` at ``timestep`` (epsilon, v or sample)."""
-    t = int(timestep)
-    a = scheduler.alphas_cumprod[t].to(sample.device, torch.float32)
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return (sample - (1 - a).sqrt() * prediction) / a.sqrt()
-    if kind == "v_prediction":
-        return a.sqrt() * sample - (1 - a).sqrt() * prediction
-    if kind == "sample":
-        return prediction
-    raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
 def renoise(scheduler, x0: Tensor, timestep, generator: torch.Generator | None = None) -> Tensor:

@@ -35,8 +35,8 @@ from mvcustom.inference.feature_rendering import (
     median_scale,
     search_depth_scale,
 )
-from mvcustom.inference.latent_completion import complete_latents, predict_x0
-from mvcustom.inference.sampler import ddim_scheduler
+from mvcustom.inference.latent_completion import complete_latents
+from mvcustom.inference.sampler import ddim_sample, ddim_scheduler
 from mvcustom.models.mvcustom import ClipCameras, MVCustomModel, References, spatial_transformer_blocks
 
 Tensor = torch.Tensor
@@ -180,23 +180,20 @@ class MVCustomPipeline(DiffusionPipeline):
 
         return denoise, last
 
-    def _sample(
-        self, denoise, noise: Tensor, steps: int, generator, on_step=None, progress: str = ""
-    ) -> Tensor:
-        """DDIM from ``noise`` (the loop of :func:`mvcustom.inference.sampler.ddim_sample`, with a
-        per-step callback that sees the timestep pair and the clean estimate)."""
-        sched = self.scheduler
-        sched.set_timesteps(steps, device=noise.device)
-        latents = noise * sched.init_noise_sigma
-        timesteps = list(sched.timesteps)
-        for i, t in enumerate(self.progress_bar(timesteps) if progress else timesteps):
-            pred = denoise(latents.to(self.model.dtype), t)
-            x0 = predict_x0(sched, latents, pred, t)
-            latents = sched.step(pred, t, latents, eta=0.0).prev_sample
-            if on_step is not None:
-                t_next = timesteps[i + 1] if i + 1 < len(timesteps) else None
-                latents = on_step(i, t_next, latents, x0)
-        return latents
+    def _sample(self, denoise, noise: Tensor, steps: int, generator, on_step=None):
+        """DDIM from ``noise`` (:func:`mvcustom.inference.sampler.ddim_sample`)."""
+        return ddim_sample(
+            denoise,
+            self.scheduler,
+            tuple(noise.shape),
+            steps,
+            generator=generator,
+            device=noise.device,
+            dtype=self.model.dtype,
+            step_hook=on_step,
+            noise=noise,
+            progress=self.progress_bar,
+        )
 
     def _anchor_depth(
         self, images: np.ndarray, renders: dict, refs: ReferenceViews | None, anchors, cams, opts
@@ -264,7 +261,7 @@ class MVCustomPipeline(DiffusionPipeline):
         return_debug: bool = False,
     ) -> MVCustomOutput:
         """Generate one clip per prompt along the camera path ``cameras`` (``F`` cameras; the
-        frames' size is their ``image_hw``, a multiple of 8)."""
+        frames' size is their ``image_hw``, one every UNet level tiles evenly, e.g. 256x384)."""
         opts = options or InferenceOptions()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         H, W = (int(v) for v in cameras.image_hw[0].tolist())
@@ -316,7 +313,7 @@ class MVCustomPipeline(DiffusionPipeline):
         info: dict = {}
         if not opts.feature_rendering:
             denoise, _ = self._denoiser(text, cameras, references, guidance, opts.radius)
-            return self._sample(denoise, noise, steps, generator, progress="main"), info
+            return self._sample(denoise, noise, steps, generator), info
 
         # 1. the anchor pass: the anchors alone, from their noise in the full clip
         anchors = list(opts.anchors)
@@ -327,9 +324,7 @@ class MVCustomPipeline(DiffusionPipeline):
             return latents
 
         denoise_a, last_a = self._denoiser(text, cameras[anchors], references, guidance, opts.radius)
-        anchor_latents = self._sample(
-            denoise_a, noise[:, anchors], steps, generator, keep, progress="anchors"
-        )
+        anchor_latents = self._sample(denoise_a, noise[:, anchors], steps, generator, keep)
         images = model.decode_latents(anchor_latents.to(model.dtype)).float().clamp(-1, 1)
         images = ((images[0] + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         depth, info = self._anchor_depth(
@@ -364,7 +359,7 @@ class MVCustomPipeline(DiffusionPipeline):
             return latents
 
         try:
-            latents = self._sample(denoise, noise, steps, generator, on_step, progress="main")
+            latents = self._sample(denoise, noise, steps, generator, on_step)
         finally:
             for handle in handles:
                 handle.remove()

@@ -2,9 +2,9 @@
 
 ``denoise(latents, t) -> prediction`` is any callable (the model with its conditioning bound,
 classifier-free guidance applied by the caller); the scheduler (diffusers ``DDIMScheduler``)
-turns predictions into the next latents. ``step_hook(i, t, latents, prediction) -> latents``
-lets inference strategies (depth-aware feature rendering, latent completion) intervene between
-steps without forking the loop.
+turns predictions into the next latents. ``step_hook(i, t_next, latents, x0) -> latents`` lets
+inference strategies (anchor replay, latent completion) intervene between steps without forking
+the loop.
 """
 
 from __future__ import annotations
@@ -23,6 +23,20 @@ def ddim_scheduler(scheduler_config: dict):
     return DDIMScheduler(**{k: v for k, v in scheduler_config.items() if k in keys})
 
 
+def predict_x0(scheduler, sample: Tensor, prediction: Tensor, timestep) -> Tensor:
+    """The clean latent implied by ``prediction`` at ``timestep`` (epsilon, v or sample)."""
+    t = int(timestep)
+    a = scheduler.alphas_cumprod[t].to(sample.device, torch.float32)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (sample - (1 - a).sqrt() * prediction) / a.sqrt()
+    if kind == "v_prediction":
+        return a.sqrt() * sample - (1 - a).sqrt() * prediction
+    if kind == "sample":
+        return prediction
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
 @torch.no_grad()
 def ddim_sample(
     denoise: Callable[[Tensor, Tensor], Tensor],
@@ -33,17 +47,28 @@ def ddim_sample(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     eta: float = 0.0,
-    step_hook: Callable[[int, Tensor, Tensor, Tensor], Tensor] | None = None,
+    step_hook: Callable[[int, Tensor | None, Tensor, Tensor], Tensor] | None = None,
+    noise: Tensor | None = None,
+    progress: Callable | None = None,
 ) -> Tensor:
-    """Sample latents of ``shape`` (``(B, F, C, h, w)``) from pure noise in ``num_steps`` steps."""
+    """Sample latents of ``shape`` (``(B, F, C, h, w)``) from pure noise in ``num_steps`` steps.
+
+    ``noise``: the initial noise (default: drawn from ``generator``), so several passes can share
+    it. ``step_hook(i, t_next, latents, x0)``: called after step ``i`` with the latents at
+    ``t_next`` (``None`` after the last step) and that step's clean estimate; returns the latents
+    to go on with. ``progress``: wraps the timesteps (e.g. a pipeline's progress bar).
+    """
     scheduler.set_timesteps(num_steps, device=device)
-    latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-    latents = latents * scheduler.init_noise_sigma
-    for i, t in enumerate(scheduler.timesteps):
+    if noise is None:
+        noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    latents = noise * scheduler.init_noise_sigma
+    timesteps = list(scheduler.timesteps)
+    for i, t in enumerate(progress(timesteps) if progress else timesteps):
         prediction = denoise(latents.to(dtype), t.expand(shape[0])).float()
+        x0 = predict_x0(scheduler, latents, prediction, t) if step_hook is not None else None
         latents = scheduler.step(prediction, t, latents, eta=eta, generator=generator).prev_sample
         if step_hook is not None:
-            latents = step_hook(i, t, latents, prediction)
+            latents = step_hook(i, timesteps[i + 1] if i + 1 < len(timesteps) else None, latents, x0)
     return latents
 
 

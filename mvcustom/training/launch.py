@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from mvcustom.configs.base import from_dict, to_dict
+from mvcustom.configs.base import from_dict, pin_local_path, to_dict
 from mvcustom.training.loop import MARKER
 
 RUN_NAME = "train"
@@ -44,27 +44,18 @@ def latest_checkpoint(output: str) -> str | None:
     return proto + best[1] if proto and not best[1].startswith(proto) else best[1]
 
 
-def _absolute(path: str | None, must_exist: bool = False) -> str | None:
-    """Ray Train workers run in their own working directory: pin local relative paths.
-    ``must_exist``: leave names that are not local paths alone (hub ids)."""
-    if path is None or "://" in path or os.path.isabs(path) or (must_exist and not os.path.exists(path)):
-        return path
-    return os.path.abspath(path)
-
-
 def resolve_paths(cfg):
     """A copy of ``cfg`` whose local paths are absolute; the shards must exist (checked here,
     on the driver, so a typo fails at once instead of in every worker restart)."""
-    from mvcustom.configs.base import from_dict as _from_dict
     from mvcustom.data.reader import expand_shards
 
     data = to_dict(cfg)
-    data["shards"] = [_absolute(s) for s in cfg.shards]
-    data["output"] = _absolute(cfg.output)
-    data["init_from"] = _absolute(cfg.init_from, must_exist=True)
-    data["model"]["pretrained"] = _absolute(cfg.model.pretrained, must_exist=True)
-    data["model"]["motion_adapter"] = _absolute(cfg.model.motion_adapter, must_exist=True)
-    resolved = _from_dict(type(cfg), data, "resolved config")
+    data["shards"] = [pin_local_path(s) for s in cfg.shards]
+    data["output"] = pin_local_path(cfg.output)
+    data["init_from"] = pin_local_path(cfg.init_from, must_exist=True)
+    data["model"]["pretrained"] = pin_local_path(cfg.model.pretrained, must_exist=True)
+    data["model"]["motion_adapter"] = pin_local_path(cfg.model.motion_adapter, must_exist=True)
+    resolved = from_dict(type(cfg), data, "resolved config")
     expand_shards(resolved.shards)
     return resolved
 
