@@ -110,6 +110,17 @@ class DeepSpeedConfig:
             scans the trace ahead until that many parameters are passed; a model smaller than
             the distance is scanned to the end each time, quadratic in its module calls. The
             tiny debug model (many small modules) took 60 s for one step that way, 5 s with 0.
+        config_file: a DeepSpeed JSON file (local path or fsspec URL, e.g. one of
+            ``infra/deepspeed/*.json``) merged over the derived JSON and under ``raw_override``:
+            the tuning knobs (bucket sizes, overlap, ``stage3_*``, offload pinning). Keys this
+            config owns (``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``,
+            ``gradient_clipping``, ``zero_optimization.stage``, ``bf16.enabled``, ``fp16.enabled``,
+            ``zero_optimization.offload_optimizer.device``, and ``stage3_max_reuse_distance``
+            when set here at stage 3) must be absent from the file, ``"auto"`` (filled in from
+            this config, as in HF Trainer) or equal to this config's value; anything else is a
+            ``ValueError`` naming the ``--set`` key to change instead. A local path is read
+            where the engine is built (under Ray Train: the worker, in its own directory), so
+            give an absolute path or a URL there.
         raw_override: keys merged last into the generated DeepSpeed JSON (escape hatch).
     """
 
@@ -117,6 +128,7 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     stage3_max_reuse_distance: int | None = None
+    config_file: str | None = None
     raw_override: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

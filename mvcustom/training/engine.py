@@ -2,7 +2,9 @@
 
 The DeepSpeed JSON is derived from the typed config (one source of truth):
 ``deepspeed.zero_stage`` / ``offload_optimizer`` / ``precision``, ``batch_size``,
-``optim.grad_accum`` and ``optim.grad_clip``; ``deepspeed.raw_override`` is merged last. The
+``optim.grad_accum`` and ``optim.grad_clip``; a ``deepspeed.config_file`` preset (tuning knobs,
+``infra/deepspeed/*.json``) is merged over it, checked against the keys the typed config owns, and
+``deepspeed.raw_override`` is merged last. The
 optimizer is a client ``torch.optim.AdamW`` over the stage's trainable parameters (DeepSpeed's
 own Adam JIT-compiles a CPU kernel for ~40 s, STACK.md) and the LR schedule a ``LambdaLR``
 (linear warmup, then constant or cosine to 0), which the engine steps at every optimizer step.
@@ -26,7 +28,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def deepspeed_config(cfg, device: torch.device) -> dict:
-    """The DeepSpeed JSON for a :class:`mvcustom.configs.train.TrainConfig`."""
+    """The DeepSpeed JSON for a :class:`mvcustom.configs.train.TrainConfig`: derived from the typed
+    config, then ``deepspeed.config_file`` (:func:`load_preset`), then ``deepspeed.raw_override``."""
     ds = cfg.deepspeed
     zero: dict = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
@@ -48,6 +51,12 @@ def deepspeed_config(cfg, device: torch.device) -> dict:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if ds.offload_optimizer:
+        # DeepSpeed refuses a client optimizer under ZeRO-Offload unless told otherwise (it wants
+        # its CPUAdam, which JIT-builds for ~40 s); our torch AdamW then steps on the CPU copy.
+        out["zero_force_ds_cpu_optimizer"] = False
+    if ds.config_file:
+        out = _merge(out, load_preset(ds.config_file, out, cfg))
     return _merge(out, ds.raw_override)
 
 
@@ -56,6 +65,90 @@ def _merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+#: Keys of the DeepSpeed JSON that the typed config owns: (dotted key, the ``--set`` key that
+#: changes it). A preset file may leave them out, say ``"auto"``, or repeat the typed value.
+OWNED_KEYS = (
+    ("train_micro_batch_size_per_gpu", "batch_size"),
+    ("gradient_accumulation_steps", "optim.grad_accum"),
+    ("gradient_clipping", "optim.grad_clip"),
+    ("zero_optimization.stage", "deepspeed.zero_stage"),
+    ("zero_optimization.offload_optimizer.device", "deepspeed.offload_optimizer"),
+    ("zero_optimization.stage3_max_reuse_distance", "deepspeed.stage3_max_reuse_distance"),
+    ("bf16.enabled", "deepspeed.precision"),
+    ("fp16.enabled", "deepspeed.precision"),
+)
+
+
+def load_preset(path: str, derived: dict, cfg) -> dict:
+    """The DeepSpeed JSON at ``path`` (any fsspec URL), its owned keys checked against ``derived``.
+
+    ``"auto"`` takes the typed value (as in HF Trainer); a different value raises ``ValueError``
+    naming the file, the key, both values and the ``--set`` key to use instead: the typed config
+    stays the one source of truth, so the config MLflow logs is the one DeepSpeed ran.
+    ``stage3_max_reuse_distance`` is owned only while the typed config puts it in the JSON (set,
+    at stage 3); otherwise the file's value stands (``"auto"``: DeepSpeed's default).
+    ``train_batch_size: "auto"`` is dropped: DeepSpeed derives it (micro-batch x accumulation x
+    world size) and checks a number given there itself.
+    """
+    import json
+
+    import fsspec
+
+    try:
+        with fsspec.open(path, "r", encoding="utf8") as f:
+            preset = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(
+            f"deepspeed.config_file {path!r} not found (a local path is read where the engine is "
+            "built, e.g. in a Ray Train worker's own directory: give an absolute path or a URL)"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(preset, dict):
+        raise ValueError(f"{path}: the top level must be a JSON object")
+    if preset.get("train_batch_size") == "auto":
+        del preset["train_batch_size"]
+    typed_values = {
+        "zero_optimization.offload_optimizer.device": "cpu" if cfg.deepspeed.offload_optimizer else "none",
+        "fp16.enabled": False,  # precision is bf16 or fp32
+    }
+    for key, set_key in OWNED_KEYS:
+        *parents, leaf = key.split(".")
+        node = _get(preset, ".".join(parents)) if parents else preset
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        typed = typed_values[key] if key in typed_values else _get(derived, key)
+        value = node[leaf]
+        if typed is _MISSING:
+            if value == "auto":
+                del node[leaf]
+        elif value == "auto":
+            node[leaf] = typed
+        elif not _same(value, typed):
+            raise ValueError(
+                f"{path}: {key} is {value!r} but the typed config gives {typed!r}. The typed config "
+                f'owns this key: remove it from the file or write "auto", and change it with '
+                f"--set {set_key}=... instead"
+            )
+    return preset
+
+
+_MISSING = object()
+
+
+def _get(d, dotted: str):
+    for p in dotted.split("."):
+        if not isinstance(d, dict) or p not in d:
+            return _MISSING
+        d = d[p]
+    return d
+
+
+def _same(a, b) -> bool:
+    """Equal JSON values, without Python's ``True == 1``."""
+    return isinstance(a, bool) == isinstance(b, bool) and a == b
 
 
 def lr_lambda(warmup: int, total: int, schedule: str):
