@@ -66,3 +66,30 @@ def test_fsspec_urls(co3d_shards):
     assert len(list(make_clip_dataset(urls, shuffle_buffer=0))) == 8
     with pytest.raises(FileNotFoundError, match="no shards match"):
         expand_shards("memory://nothing-here/*.tar")
+
+
+@pytest.mark.parametrize("evil", ["../escape.txt", "/etc/abs.txt", "dir/../../up.txt"])
+def test_unsafe_member_names_refuse_the_shard(co3d_shards, tmp_path, evil):
+    """A shard is untrusted input: a member with an absolute or '..' path is refused with an
+    error naming it, by both the reader and the training stream (issue 7, security)."""
+    import io
+    import tarfile
+
+    from mvcustom.training.data import sample_stream
+
+    good = sorted(co3d_shards.glob("*.tar"))[0]
+    bad = tmp_path / "bad-000000.tar"
+    with tarfile.open(good) as src, tarfile.open(bad, "w") as dst:
+        for m in src.getmembers():
+            dst.addfile(m, src.extractfile(m))
+        info = tarfile.TarInfo(evil)
+        info.size = 2
+        dst.addfile(info, io.BytesIO(b"hi"))
+    with tarfile.open(bad) as t:
+        assert evil in t.getnames()  # tarfile keeps the name as stored
+    with pytest.raises(ValueError, match="absolute or '..' path"):
+        list(make_clip_dataset(str(bad), shuffle_buffer=0))
+    with pytest.raises(ValueError, match="absolute or '..' path"):
+        next(sample_stream(str(bad), seed=0, rank=0, world=1, shuffle_buffer=1))
+    # the same shard without the extra member reads fine
+    assert len(list(make_clip_dataset(str(good), shuffle_buffer=0))) == 1

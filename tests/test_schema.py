@@ -94,3 +94,13 @@ def test_clip_without_poses_is_allowed_only_when_flagged():
     s.meta["pose_source"] = None
     back = decode_sample(encode_sample(s))
     assert back.intrinsics is None and back.extrinsics is None
+
+
+def test_member_name_guard():
+    from mvcustom.data.schema import check_member_name
+
+    for ok in ("co3d-seq-0000.frame_000.jpg", "folder/k.json", "k..json"):
+        assert check_member_name(ok)
+    for bad in ("/etc/passwd", "../k.json", "a/../../k.json", "..\\k.json", "C:/k.json", "\\\\host\\k"):
+        with pytest.raises(ValueError, match="absolute or '..' path"):
+            check_member_name(bad)

@@ -26,7 +26,7 @@ import fsspec
 import numpy as np
 import torch
 
-from mvcustom.data.schema import decode_sample
+from mvcustom.data.schema import check_member_name, decode_sample
 
 _FSSPEC_SCHEMES = ("s3", "gs", "gcs", "memory", "az", "abfs", "file")
 
@@ -109,6 +109,7 @@ def make_clip_dataset(
         workersplitter=wds.split_by_worker,
         seed=seed,
         empty_check=False,
+        select_files=check_member_name,
     )
     if shuffle_buffer > 0:
         ds = ds.shuffle(shuffle_buffer, seed=seed)

@@ -51,6 +51,23 @@ def make_key(source: str, sequence: str, clip: int) -> str:
     return f"{source}-{seq}-{clip:04d}"
 
 
+def check_member_name(name: str) -> bool:
+    """Refuse a tar member whose name is absolute or climbs out of its folder (``..``).
+
+    Our readers stream members into memory and never extract them, but a shard is untrusted
+    input and a name like ``/etc/cron.d/x`` or ``../../x`` has no business in one (and would be
+    a path-traversal if anyone extracted the tar). Used as ``webdataset``'s ``select_files``
+    predicate, so it sees every member before it is read; returns ``True`` for a safe name.
+    """
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+        raise ValueError(
+            f"tar member {name!r} has an absolute or '..' path; refusing the shard "
+            "(shards written by pipelines.shards only hold flat member names: rewrite it with the preprocess job)"
+        )
+    return True
+
+
 def frame_field(i: int) -> str:
     return f"frame_{i:03d}.jpg"
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mvcustom.data.reader import _register_fsspec_schemes, expand_shards, to_tensors
+from mvcustom.data.schema import check_member_name
 
 
 def rank_shards(shards: list[str], epoch: int, seed: int, rank: int, world: int) -> tuple[list[str], bool]:
@@ -48,7 +49,12 @@ def sample_stream(
         rng = random.Random(f"{seed}-{rank}-{epoch}")
         buffer: list[dict] = []
         ds = wds.WebDataset(
-            mine, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
+            mine,
+            shardshuffle=False,
+            nodesplitter=None,
+            workersplitter=None,
+            empty_check=False,
+            select_files=check_member_name,
         )
         yielded = False
         for i, raw in enumerate(ds):
