@@ -28,6 +28,7 @@ from mvcustom.models.objective import noise_scheduler, set_trainable
 from mvcustom.training.context import TrainContext
 from mvcustom.training.data import batch_stream
 from mvcustom.training.engine import TrainStep, build_engine
+from mvcustom.training.safe_load import harden_checkpoint_loading
 
 CHECKPOINT_TAG = "zero"
 MARKER = "mvcustom_checkpoint.json"
@@ -112,6 +113,7 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
     model = _build(cfg)
     params = set_trainable(model, cfg.stage)
     engine = build_engine(TrainStep(model, cfg.stage, noise_scheduler(model)), params, cfg, ctx.device)
+    harden_checkpoint_loading(engine)  # resume reads checkpoints with weights_only=True
     held: list = []
     start = 0
     resume = ctx.latest_checkpoint()
