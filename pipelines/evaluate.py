@@ -15,18 +15,8 @@ import time
 import fsspec
 
 from mvcustom.configs.base import pin_local_path
+from mvcustom.configs.common import init_ray
 from pipelines import eval_records as er
-
-
-def _init_ray(cfg) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            address=cfg.ray.address,
-            num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
-            log_to_driver=False,
-        )
 
 
 def plan(cfg) -> dict:
@@ -63,7 +53,7 @@ def run_evaluate(cfg) -> dict:
     t0 = time.time()
     new: list[dict] = []
     if work["generate"] or work["score"]:
-        _init_ray(cfg)
+        init_ray(cfg.ray, log_to_driver=False)
         ctx = ray.data.DataContext.get_current()
         ctx.max_errored_blocks = cfg.ray.max_errored_blocks
         ctx.op_resource_reservation_enabled = cfg.ray.reserve_operator_resources
@@ -157,18 +147,14 @@ def _log_mlflow(cfg, summary: dict, results, table) -> str | None:
         return None
     import mlflow
 
-    from mvcustom.configs import flatten, to_dict
-    from mvcustom.training.tracking import tracking_uri
+    from mvcustom.training.tracking import log_config_params, tracking_uri
 
     client = mlflow.MlflowClient(tracking_uri(cfg.mlflow))
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment)
     run = client.create_run(exp_id, run_name=cfg.mlflow.run_name, tags={"mvcustom.job": "evaluate"})
     rid = run.info.run_id
-    params = {k: str(v)[:6000] for k, v in flatten(to_dict(cfg)).items()}
-    items = list(params.items())
-    for i in range(0, len(items), 100):
-        client.log_batch(rid, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]])
+    log_config_params(client, rid, cfg)
     metrics = {
         k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)
     }

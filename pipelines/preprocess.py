@@ -27,6 +27,7 @@ import pickle
 import time
 from dataclasses import dataclass, field
 
+from mvcustom.configs.common import init_ray
 from mvcustom.configs.preprocess import PreprocessConfig
 from mvcustom.data.schema import ClipSample, encode_sample
 from pipelines import shards as shardlib
@@ -185,15 +186,6 @@ def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 3)
 
 
-def _init_ray(cfg: PreprocessConfig) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True
-        )
-
-
 def run_preprocess(cfg: PreprocessConfig) -> dict:
     """Run the job; returns the summary (also printed by the entry point and logged to MLflow)."""
     import ray
@@ -210,7 +202,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
     shardlib.clean_temporaries(cfg.output)
     results: list[dict] = []
     if todo:
-        _init_ray(cfg)
+        init_ray(cfg.ray)
         ctx = ray.data.DataContext.get_current()
         ctx.max_errored_blocks = cfg.ray.max_errored_blocks
         ctx.op_resource_reservation_enabled = cfg.ray.reserve_operator_resources

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mvcustom.configs.base import flatten, to_dict
+from mvcustom.configs.base import mlflow_params
 from mvcustom.configs.common import MlflowConfig
 from mvcustom.training.tracking import tracking_uri
 
@@ -21,8 +21,7 @@ def log_job(
     mlflow.set_tracking_uri(tracking_uri(mlflow_cfg))
     mlflow.set_experiment(mlflow_cfg.experiment)
     with mlflow.start_run(run_name=mlflow_cfg.run_name) as run:
-        params = {k: str(v)[:6000] for k, v in flatten(to_dict(cfg)).items()}
-        mlflow.log_params(params)
+        mlflow.log_params(mlflow_params(cfg))
         mlflow.log_metrics(
             {
                 k: float(v)

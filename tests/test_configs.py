@@ -108,3 +108,25 @@ def test_contradictions_are_refused():
 def test_flatten_for_mlflow():
     flat = flatten(to_dict(TrainConfig.debug()))
     assert flat["optim.lr"] == 1e-4 and flat["clip.num_frames"] == 4 and "deepspeed.zero_stage" in flat
+
+
+def test_credentials_in_urls_never_reach_logs_or_mlflow_params():
+    """Configs hold no secrets by design; one pasted into a URL is masked wherever the config is
+    printed or logged, and left intact for the job itself (issue 7, security)."""
+    from mvcustom.configs import TrainConfig, dump_config, load_config
+    from mvcustom.configs.base import mlflow_params
+
+    cfg = load_config(
+        TrainConfig,
+        "jobs/configs/train_backbone_debug.yaml",
+        ["mlflow.tracking_uri=postgresql://mlf:s3cret@db:5432/mlflow", "output=az://runs/x?sig=abc123&sv=1"],
+    )
+    text = dump_config(cfg)
+    assert "postgresql://mlf:***@db:5432/mlflow" in text and "az://runs/x?sig=***&sv=1" in text
+    params = mlflow_params(cfg)
+    assert params["mlflow.tracking_uri"] == "postgresql://mlf:***@db:5432/mlflow"
+    assert not any("s3cret" in v or "abc123" in v for v in params.values()) and "s3cret" not in text
+    assert cfg.mlflow.tracking_uri == "postgresql://mlf:s3cret@db:5432/mlflow"  # the job still connects
+    assert mlflow_params(load_config(TrainConfig, "jobs/configs/train_backbone_debug.yaml"))["output"] == (
+        ".demo/runs/backbone"
+    )  # nothing else changes

@@ -13,6 +13,7 @@ A YAML file may start from a preset: ``preset: debug`` fills every field from th
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -218,8 +219,35 @@ def load_config(cls: type[T], path: str | Path, overrides: list[str] | tuple[str
     return from_dict(cls, data, path, overrides)
 
 
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*):[^/@\s]+@")
+_QUERY_SECRET = re.compile(
+    r"(?i)([?&](?:token|sig|signature|password|passwd|secret|access_key|api_key)=)[^&\s]+"
+)
+
+
+def redact(value):
+    """``value`` with credentials in URLs masked: the password of ``scheme://user:pw@host``
+    (an MLflow ``postgresql://`` store, say) and secret query parameters (``?sig=``, ``?token=``).
+    Configs hold no credentials by design (they come from the environment, see README "What is
+    exposed"); this keeps one pasted into a URL out of logs and MLflow params."""
+    if isinstance(value, str):
+        return _QUERY_SECRET.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", value))
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    return value
+
+
 def dump_config(cfg) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    """The config as YAML for logs (credentials in URLs redacted)."""
+    return yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False, allow_unicode=True)
+
+
+def mlflow_params(cfg) -> dict[str, str]:
+    """The config as MLflow params: flattened keys, values as (redacted) strings within
+    MLflow's 6000-character limit."""
+    return {k: str(v)[:6000] for k, v in flatten(redact(to_dict(cfg))).items()}
 
 
 def check(cond: bool, message: str) -> None:

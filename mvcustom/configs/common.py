@@ -41,6 +41,11 @@ class RayConfig:
             measured 5.8 vs 13.7 clips/s). Off by default here: our jobs size their stages so
             none can starve another (see ``pipelines.preprocess.plan_cpus``).
         task_retries: reruns of a task whose worker or node died (work units are idempotent).
+        dashboard: start the dashboard of an embedded local Ray (off by default: nothing
+            listens that the job does not need). A cluster's dashboard is the cluster's business
+            (``ray start --dashboard-host``, KubeRay's head Service).
+        dashboard_host: where that dashboard listens; ``127.0.0.1`` unless you mean to expose it
+            (then put it behind auth: README "What is exposed").
     """
 
     address: str | None = None
@@ -48,6 +53,8 @@ class RayConfig:
     max_errored_blocks: int = 16
     reserve_operator_resources: bool = False
     task_retries: int = 3
+    dashboard: bool = False
+    dashboard_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         check(
@@ -55,6 +62,26 @@ class RayConfig:
         )
         check(self.max_errored_blocks >= 0, "ray.max_errored_blocks must be >= 0")
         check(self.task_retries >= 0, "ray.task_retries must be >= 0")
+
+
+def init_ray(cfg: RayConfig, log_to_driver: bool = True) -> None:
+    """Connect to Ray the way every job does: join ``cfg.address`` (a cluster: ``auto`` under
+    ``ray job submit``) or start an embedded local Ray with ``cfg.num_cpus`` and the dashboard
+    only if asked for, bound to ``cfg.dashboard_host``. A no-op when Ray is already up (tests,
+    the demo's later stages)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.address is not None:
+        ray.init(address=cfg.address, log_to_driver=log_to_driver)
+        return
+    ray.init(
+        num_cpus=cfg.num_cpus,
+        include_dashboard=cfg.dashboard,
+        dashboard_host=cfg.dashboard_host,
+        log_to_driver=log_to_driver,
+    )
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from mvcustom.configs.base import flatten, to_dict
+from mvcustom.configs.base import mlflow_params
 
 RUN_FILE = "training_run.json"
 
@@ -55,11 +55,17 @@ def start_run(cfg) -> str | None:
         tags["mvcustom.parent_run_id"] = parent
         tags["mlflow.parentRunId"] = parent
     run = client.create_run(exp_id, run_name=cfg.mlflow.run_name, tags=tags)
-    params = {k: str(v)[:6000] for k, v in flatten(to_dict(cfg)).items()}
-    for i in range(0, len(params), 100):  # MLflow's batch limit
-        chunk = list(params.items())[i : i + 100]
-        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in chunk])
+    log_config_params(client, run.info.run_id, cfg)
     return run.info.run_id
+
+
+def log_config_params(client, run_id: str, cfg) -> None:
+    """The config as params of ``run_id`` (redacted; in batches of 100, MLflow's limit)."""
+    import mlflow
+
+    items = list(mlflow_params(cfg).items())
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]])
 
 
 def end_run(cfg, run_id: str | None, status: str = "FINISHED") -> None:
