@@ -137,12 +137,22 @@ class DeepSpeedConfig:
 
 @dataclass
 class ScalingConfig:
-    """Ray Train workers. num_workers: ranks. use_gpu: one GPU per worker times ``gpus_per_worker``."""
+    """Ray Train workers.
+
+    Attributes:
+        num_workers: ranks.
+        use_gpu: each worker takes ``gpus_per_worker`` GPUs (NCCL); otherwise CPU and gloo.
+        cpus_per_worker, gpus_per_worker: resources each worker reserves.
+        placement_strategy: how the workers' placement group is laid out over nodes (Ray's
+            ``PACK`` fills a node first: fewest cross-node collectives; ``SPREAD`` puts workers
+            on different nodes where it can; ``STRICT_*`` refuse to start otherwise).
+    """
 
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     def __post_init__(self) -> None:
         check(self.num_workers >= 1, "scaling.num_workers must be >= 1")

@@ -14,6 +14,7 @@ import json
 import os
 
 from mvcustom.configs.base import from_dict, pin_local_path, to_dict
+from mvcustom.configs.common import init_ray
 from mvcustom.training.loop import MARKER
 
 RUN_NAME = "train"
@@ -55,6 +56,7 @@ def resolve_paths(cfg):
     data["init_from"] = pin_local_path(cfg.init_from, must_exist=True)
     data["model"]["pretrained"] = pin_local_path(cfg.model.pretrained, must_exist=True)
     data["model"]["motion_adapter"] = pin_local_path(cfg.model.motion_adapter, must_exist=True)
+    data["deepspeed"]["config_file"] = pin_local_path(cfg.deepspeed.config_file)
     resolved = from_dict(type(cfg), data, "resolved config")
     expand_shards(resolved.shards)
     return resolved
@@ -77,7 +79,6 @@ def _worker(config: dict) -> None:
 
 def run_training(cfg) -> dict:
     """Run a training job on Ray (embedded local Ray unless ``ray.address`` is set)."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -90,8 +91,7 @@ def run_training(cfg) -> dict:
     cfg = resolve_paths(cfg)
     resume = latest_checkpoint(cfg.output)
     run_id = start_run(cfg)
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None)
+    init_ray(cfg.ray)
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
@@ -105,7 +105,10 @@ def run_training(cfg) -> dict:
             "tracking_uri": tracking_uri(cfg.mlflow),
         },
         scaling_config=ScalingConfig(
-            num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources
+            num_workers=sc.num_workers,
+            use_gpu=sc.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=sc.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         run_config=RunConfig(
