@@ -313,7 +313,7 @@ def test_deployment_and_service_validate_against_kubernetes_schemas():
     import kubernetes_validate
 
     builtin = [(f, d) for f, d in _manifests() if d.get("apiVersion") != "ray.io/v1"]
-    assert {d["kind"] for _, d in builtin} == {"Deployment", "Service"}
+    assert {d["kind"] for _, d in builtin} == {"Deployment", "Service", "NetworkPolicy"}
     for f, doc in builtin:
         assert kubernetes_validate.validate(doc, K8S_VERSION, strict=True) == K8S_VERSION, f
     broken = copy.deepcopy(next(d for _, d in builtin if d["kind"] == "Deployment"))
@@ -324,6 +324,31 @@ def test_deployment_and_service_validate_against_kubernetes_schemas():
     broken["spec"]["replicas"] = "one"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def test_network_policies_fence_every_ray_and_mlflow_pod_to_the_namespace():
+    """Ray's internal ports listen on every interface: each Ray and MLflow pod template must be
+    selected by a policy that admits only pods of the namespace."""
+    policies = [d for _, d in _manifests() if d["kind"] == "NetworkPolicy"]
+    assert policies
+    for p in policies:
+        assert p["spec"]["policyTypes"] == ["Ingress"]
+        assert all(src == {"podSelector": {}} for rule in p["spec"]["ingress"] for src in rule["from"])
+
+    def fenced(labels: dict) -> bool:
+        return any(
+            all(labels.get(k) == v for k, v in p["spec"]["podSelector"]["matchLabels"].items())
+            for p in policies
+        )
+
+    templates = [
+        node["template"]["metadata"]["labels"]
+        for _, doc in _manifests()
+        for _, node in _walk(doc)
+        if isinstance(node.get("template"), dict) and "metadata" in node["template"]
+    ]
+    assert len(templates) >= 3 and all(fenced(t) for t in templates), templates
+    assert not fenced({"app.kubernetes.io/name": "something-else"})
 
 
 def _readme_secrets() -> dict[str, set[str]]:
@@ -538,8 +563,8 @@ def test_dockerignore_mirrors_submit_excludes_and_keeps_the_code():
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     patterns = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
     for ex in EXCLUDES:
-        name = ex.rstrip("/").removeprefix("**/")
-        expected = {f"/{name}"} if ex.endswith("/") else {f"**/{name}"}
+        name = ex.rstrip("/").removeprefix("**/").lstrip("/")
+        expected = {f"/{name}"} if ex.startswith("/") else {f"**/{name}"}
         assert expected & set(patterns), f"{ex}: no {expected} in .dockerignore"
     for path in (".venv/bin/python", ".git/config", "mvcustom/__pycache__/x.pyc", "jobs/x.db", "runs/a",
                  ".demo/data/co3d", "data/x.mp4", "a/b/c.safetensors", "mvcustom.egg-info/PKG-INFO",

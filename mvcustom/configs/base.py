@@ -228,8 +228,8 @@ _QUERY_SECRET = re.compile(
 def redact(value):
     """``value`` with credentials in URLs masked: the password of ``scheme://user:pw@host``
     (an MLflow ``postgresql://`` store, say) and secret query parameters (``?sig=``, ``?token=``).
-    Configs hold no credentials by design (they come from the environment, see README "What is
-    exposed"); this keeps one pasted into a URL out of logs and MLflow params."""
+    Configs hold no credentials by design (they come from the environment, see docs/operations.md
+    §5); this keeps one pasted into a URL out of logs and MLflow params."""
     if isinstance(value, str):
         return _QUERY_SECRET.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", value))
     if isinstance(value, dict):

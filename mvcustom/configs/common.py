@@ -45,7 +45,7 @@ class RayConfig:
             listens that the job does not need). A cluster's dashboard is the cluster's business
             (``ray start --dashboard-host``, KubeRay's head Service).
         dashboard_host: where that dashboard listens; ``127.0.0.1`` unless you mean to expose it
-            (then put it behind auth: README "What is exposed").
+            (then put it behind auth: docs/operations.md §5).
     """
 
     address: str | None = None
