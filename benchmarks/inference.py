@@ -3,7 +3,8 @@
     python benchmarks/inference.py [--frames 16] [--size 64x96] [--steps 10] [--samples 4]
 
 1. **Seconds per generated sample**, plain DDIM vs DDIM + depth-aware feature rendering +
-   latent completion, same tiny model, steps, frames and seed (target overhead <= 10%). The
+   latent completion, same tiny model, steps, frames and seed (target overhead <= 10%), with the
+   anchor pass as long as the main one and with ``anchor_steps`` = steps / 5 (10 of 50). The
    overhead is split into the anchor pass (``K / F`` of a clip), depth, and rendering.
 2. **Eval job throughput**: samples/min of ``run_evaluate`` with 1 vs 2 generation actors on
    the same spec (fresh output each; a local Ray with all CPUs), and scoring seconds per sample
@@ -59,7 +60,16 @@ def scaled_model(width: int):
     return MVCustomModel(parts, MVCustomConfig())
 
 
-def sample_cost(frames: int, hw: tuple[int, int], steps: int, repeats: int, width: int = 1) -> dict:
+def sample_cost(
+    frames: int,
+    hw: tuple[int, int],
+    steps: int,
+    repeats: int,
+    width: int = 1,
+    anchor_steps: int | None = None,
+) -> dict:
+    import dataclasses
+
     import numpy as np
     import torch
 
@@ -84,6 +94,7 @@ def sample_cost(frames: int, hw: tuple[int, int], steps: int, repeats: int, widt
     full = InferenceOptions(
         feature_rendering_steps=int(0.7 * steps), completion_until_step=max(1, steps // 5)
     )
+    short = dataclasses.replace(full, anchor_steps=anchor_steps or max(1, steps // 5))
     plain = InferenceOptions(feature_rendering=False)
 
     def run(opts):
@@ -100,6 +111,7 @@ def sample_cost(frames: int, hw: tuple[int, int], steps: int, repeats: int, widt
     run(plain)  # warm-up
     t_plain = _median_seconds(lambda: run(plain), repeats)
     t_full = _median_seconds(lambda: run(full), repeats)
+    t_short = _median_seconds(lambda: run(short), repeats)
     t_depth = _median_seconds(lambda: zoe(np.zeros((1, *hw, 3), np.uint8)), repeats)
     return {
         "unet_widths": list(model.unet.config.block_out_channels),
@@ -110,6 +122,9 @@ def sample_cost(frames: int, hw: tuple[int, int], steps: int, repeats: int, widt
         "plain_ddim_s": round(t_plain, 3),
         "rendering_completion_s": round(t_full, 3),
         "overhead_ratio": round(t_full / t_plain, 3),
+        "anchor_steps_short": short.anchor_steps,
+        "rendering_completion_short_anchor_s": round(t_short, 3),
+        "overhead_ratio_short_anchor": round(t_short / t_plain, 3),
         "target_overhead_ratio": 1.10,
         "anchor_pass_expected_ratio": round(1 / frames, 3),
         "depth_estimate_s": round(t_depth, 3),
@@ -205,11 +220,15 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4, help="samples per eval-job run")
     ap.add_argument("--actors", default="1,2")
     ap.add_argument("--widths", default="1,8", help="UNet width multipliers of the tiny layout")
+    ap.add_argument(
+        "--anchor-steps", type=int, default=None, help="short anchor pass (default steps // 5: 10 of 50)"
+    )
     args = ap.parse_args()
     H, W = (int(v) for v in args.size.split("x"))
     report = {"anchor_coverage": anchor_coverage()}
     report["sample_cost"] = [
-        sample_cost(args.frames, (H, W), args.steps, args.repeats, int(w)) for w in args.widths.split(",")
+        sample_cost(args.frames, (H, W), args.steps, args.repeats, int(w), args.anchor_steps)
+        for w in args.widths.split(",")
     ]
     print(json.dumps(report), flush=True)
     report["eval_job"] = eval_throughput(args.samples, [int(a) for a in args.actors.split(",")])

@@ -242,6 +242,7 @@ def inference_options(cfg, num_frames: int, overrides: dict):
         "feature_rendering_steps": s.feature_rendering_steps,
         "completion_until_step": s.completion_until_step,
         "anchors": s.anchor_frames(num_frames),
+        "anchor_steps": s.anchor_steps,
         "depth_scale_search": s.depth_scale_search,
         "radius": s.stt_radius,
     }

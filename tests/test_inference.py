@@ -216,6 +216,17 @@ def test_pipeline_generates_with_rendering_and_completion(pipe):
     # the anchor frame is the anchor pass's frame, replayed at every step: the depth is of it
     diff = np.abs(out.frames[0, 0].astype(int) - info["anchor_images"][0])
     assert diff.max() <= 1  # (decoded in a different batch: float rounding only)
+    # a shorter anchor pass, replayed through the forward process: the anchor frame is still
+    # the anchor pass's own, the rest of the clip follows it
+    short = run(
+        InferenceOptions(feature_rendering_steps=3, completion_until_step=2, anchor_steps=2),
+        output_type="np",
+        return_debug=True,
+    )
+    diff = np.abs(short.frames[0, 0].astype(int) - short.debug[0]["anchor_images"][0])
+    assert diff.max() <= 1 and not np.array_equal(short.frames, out.frames)
+    with pytest.raises(ValueError, match="anchor_steps"):
+        run(InferenceOptions(anchor_steps=5))
     pil = run(opts)
     assert len(pil.frames) == 1 and pil.frames[0][0].size == (32, 32)
     with pytest.raises(ValueError, match="anchors"):

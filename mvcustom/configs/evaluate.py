@@ -22,6 +22,8 @@ class SamplingConfig:
         anchors: anchor frames fused by z-buffer (1 = the paper; 2+ is our extension), spread
             evenly over the clip (first and last frame for 2).
         feature_rendering: depth-aware feature rendering (and the anchor pass) on/off.
+        anchor_steps: DDIM steps of the anchor pass (``null``: num_inference_steps; fewer replays
+            the anchors through the forward process, ``InferenceOptions.anchor_steps``).
         stt_radius: STT radius at inference (-1 = whole feature map, where training ends).
     """
 
@@ -32,6 +34,7 @@ class SamplingConfig:
     depth_scale_search: float = 0.4
     anchors: int = 1
     feature_rendering: bool = True
+    anchor_steps: int | None = None
     stt_radius: int = -1
 
     def anchor_frames(self, num_frames: int) -> tuple[int, ...]:
@@ -50,6 +53,10 @@ class SamplingConfig:
             "sampling.completion_until_step must be within num_inference_steps",
         )
         check(self.anchors >= 1, "sampling.anchors must be >= 1")
+        check(
+            self.anchor_steps is None or 1 <= self.anchor_steps <= self.num_inference_steps,
+            "sampling.anchor_steps must be within 1..num_inference_steps (or null)",
+        )
 
 
 @dataclass

@@ -14,8 +14,10 @@ strategies (§3.4; DESIGN.md §1):
    the chosen blocks for the first ``feature_rendering_steps`` steps and **consistency-aware
    latent completion** of the disoccluded latents for the first ``completion_until_step``.
 
-The anchor pass costs ``K / F`` of a clip (one frame of 16: ~6%); rendering is one
-``grid_sample`` per chosen block and step (the mesh is rasterised once per resolution).
+The anchor pass costs ``K / F`` of a clip in FLOPs (one frame of 16: ~6%), more in time where a
+small batch uses the hardware badly (16% on our 2-core CPU); ``anchor_steps`` cuts it further.
+Rendering is one ``grid_sample`` per chosen block and step (the mesh is rasterised once per
+resolution).
 """
 
 from __future__ import annotations
@@ -83,6 +85,12 @@ class InferenceOptions:
         feature_rendering_steps: replace features during the first steps (35 of 50 in the paper).
         completion_until_step: latent completion during the first steps (tau; NF -> ours 10).
         anchors: anchor frame indices (one in the paper; several fused by z-buffer is ours).
+        anchor_steps: DDIM steps of the anchor pass (``None``: as many as the main pass). With
+            fewer, the main pass replays the anchors by the forward process instead of their
+            trajectory: at each step the anchors are their final clean latent re-noised to that
+            step with their own initial noise (the same at step 0), and the final frames are
+            exactly the anchor pass's. The anchor pass then costs ``anchor_steps / steps`` of
+            what it costs otherwise (ours; the paper does not say how the anchor is made).
         rendering_blocks: spatial transformer blocks whose outputs are replaced.
         depth_scale: ``"auto"`` (FeatureNeRF median + search), or a fixed factor.
         depth_scale_search: relative range of the grid search (0.4 = ±40%).
@@ -95,6 +103,7 @@ class InferenceOptions:
     feature_rendering_steps: int = 35
     completion_until_step: int = 10
     anchors: tuple[int, ...] = (0,)
+    anchor_steps: int | None = None
     rendering_blocks: tuple[int, ...] = DEFAULT_RENDERING_BLOCKS
     depth_scale: str | float = "auto"
     depth_scale_search: float = 0.4
@@ -279,6 +288,10 @@ class MVCustomPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be pil, np or pt, got {output_type!r}")
         if opts.feature_rendering and not all(0 <= a < len(cameras) for a in opts.anchors):
             raise ValueError(f"anchors {list(opts.anchors)} must be frame indices below {len(cameras)}")
+        if opts.anchor_steps is not None and not 1 <= opts.anchor_steps <= num_inference_steps:
+            raise ValueError(
+                f"anchor_steps={opts.anchor_steps} must be within 1..num_inference_steps ({num_inference_steps})"
+            )
         clips, debug = [], []
         for p in prompts:
             latents, info = self._generate(
@@ -323,8 +336,12 @@ class MVCustomPipeline(DiffusionPipeline):
             trace.append(latents.clone())
             return latents
 
+        anchor_steps = opts.anchor_steps or steps
+        exact = anchor_steps == steps
         denoise_a, last_a = self._denoiser(text, cameras[anchors], references, guidance, opts.radius)
-        anchor_latents = self._sample(denoise_a, noise[:, anchors], steps, generator, keep)
+        anchor_latents = self._sample(
+            denoise_a, noise[:, anchors], anchor_steps, generator, keep if exact else None
+        )
         images = model.decode_latents(anchor_latents.to(model.dtype)).float().clamp(-1, 1)
         images = ((images[0] + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         depth, info = self._anchor_depth(
@@ -355,7 +372,14 @@ class MVCustomPipeline(DiffusionPipeline):
             step["i"] = i + 1
             if t_next is not None and i + 1 <= opts.completion_until_step:
                 latents = complete_latents(latents, x0, covered, self.scheduler, t_next, generator)
-            latents[:, anchors] = trace[i]  # replay: the anchors stay the frames the depth is of
+            # replay: the anchors stay the frames the depth is of (their own trajectory, or their
+            # clean latent put back to this step's noise level with their own initial noise)
+            if exact:
+                latents[:, anchors] = trace[i]
+            elif t_next is None:
+                latents[:, anchors] = anchor_latents
+            else:
+                latents[:, anchors] = self.scheduler.add_noise(anchor_latents, noise[:, anchors], t_next)
             return latents
 
         try:
