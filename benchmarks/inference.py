@@ -109,9 +109,17 @@ def sample_cost(
         )
 
     run(plain)  # warm-up
-    t_plain = _median_seconds(lambda: run(plain), repeats)
-    t_full = _median_seconds(lambda: run(full), repeats)
-    t_short = _median_seconds(lambda: run(short), repeats)
+    # interleaved (plain, full, short) per repeat, so a drift in machine speed (a shared host)
+    # hits all three alike; ratios are medians of the per-repeat ratios
+    times: dict[str, list[float]] = {"plain": [], "full": [], "short": []}
+    for _ in range(repeats):
+        for name, opts in (("plain", plain), ("full", full), ("short", short)):
+            t = time.perf_counter()
+            run(opts)
+            times[name].append(time.perf_counter() - t)
+    t_plain, t_full, t_short = (statistics.median(times[k]) for k in ("plain", "full", "short"))
+    ratios = {k: [a / b for a, b in zip(times[k], times["plain"], strict=True)] for k in ("full", "short")}
+    ratio = {k: statistics.median(v) for k, v in ratios.items()}
     t_depth = _median_seconds(lambda: zoe(np.zeros((1, *hw, 3), np.uint8)), repeats)
     return {
         "unet_widths": list(model.unet.config.block_out_channels),
@@ -121,10 +129,12 @@ def sample_cost(
         "steps": steps,
         "plain_ddim_s": round(t_plain, 3),
         "rendering_completion_s": round(t_full, 3),
-        "overhead_ratio": round(t_full / t_plain, 3),
+        "overhead_ratio": round(ratio["full"], 3),
         "anchor_steps_short": short.anchor_steps,
         "rendering_completion_short_anchor_s": round(t_short, 3),
-        "overhead_ratio_short_anchor": round(t_short / t_plain, 3),
+        "overhead_ratio_short_anchor": round(ratio["short"], 3),
+        "overhead_ratio_range": [round(min(ratios["full"]), 3), round(max(ratios["full"]), 3)],
+        "overhead_ratio_short_anchor_range": [round(min(ratios["short"]), 3), round(max(ratios["short"]), 3)],
         "target_overhead_ratio": 1.10,
         "anchor_pass_expected_ratio": round(1 / frames, 3),
         "depth_estimate_s": round(t_depth, 3),

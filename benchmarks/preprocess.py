@@ -48,7 +48,64 @@ def _plain(cfg) -> tuple[float, float | None, int]:
     return n / (time.perf_counter() - t0), steady_rate(out["commits"]), n
 
 
-def _ray(cfg, num_cpus: int) -> tuple[float, float | None, int]:
+class CpuSampler:
+    """CPU seconds of this process and every process below it (Ray's GCS, raylet, agents,
+    workers), sampled every ``period`` s in a thread and grouped by role (a worker's process
+    title names the task or actor it runs): where the cores go during a run."""
+
+    def __init__(self, period: float = 0.25):
+        import threading
+
+        self.period, self.seen, self._stop = period, {}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _role(p) -> str:
+        cmd = p.cmdline()
+        if not cmd:
+            return p.name()
+        head = os.path.basename(cmd[0])
+        if head.startswith("ray::"):  # a worker's title: the task or actor it runs now
+            return " ".join(cmd)[:50]
+        for key in ("dashboard/agent.py", "runtime_env/agent", "log_monitor", "monitor.py"):
+            if any(key in c for c in cmd):
+                return key
+        return head if p.pid != os.getpid() else "driver"
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                self.seen[p.pid] = (self._role(p), t.user + t.system)
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self._sample()
+
+    def __enter__(self):
+        self._sample()
+        self.start = dict(self.seen)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def by_role(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, (role, cpu) in self.seen.items():
+            out[role] = out.get(role, 0.0) + cpu - self.start.get(pid, (role, 0.0))[1]
+        return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+
+
+def _ray(cfg, num_cpus: int, profile: dict | None = None) -> tuple[float, float | None, int]:
     import ray
 
     from pipelines.preprocess import run_preprocess
@@ -57,8 +114,12 @@ def _ray(cfg, num_cpus: int) -> tuple[float, float | None, int]:
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         t0 = time.perf_counter()
-        s = run_preprocess(cfg)
-        return s["clips_written"] / (time.perf_counter() - t0), s["steady_clips_per_s"], s["clips_written"]
+        with CpuSampler() as cpu:
+            s = run_preprocess(cfg)
+        wall = time.perf_counter() - t0
+        if profile is not None:
+            profile.update(wall_s=round(wall, 2), cpu_s_by_process=cpu.by_role())
+        return s["clips_written"] / wall, s["steady_clips_per_s"], s["clips_written"]
     finally:
         ray.shutdown()
 
@@ -69,6 +130,7 @@ def main() -> None:
     ap.add_argument("--webvid-videos", type=int, default=8)
     ap.add_argument("--out", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--only", default=None, help="comma-separated configuration names")
+    ap.add_argument("--profile", action="store_true", help="CPU seconds per Ray process during each run")
     args = ap.parse_args()
 
     from mvcustom.configs import PreprocessConfig, SampleDataConfig, from_dict
@@ -144,7 +206,13 @@ def main() -> None:
             out = f"{root}/out/{name}/{mode}"
             shutil.rmtree(out, ignore_errors=True)
             cfg = from_dict(PreprocessConfig, {**base, **extra, "output": out}, name)
-            rate, steady, n = _plain(cfg) if mode == "plain" else _ray(cfg, 1 if mode == "ray_1cpu" else 2)
+            profile: dict | None = {} if args.profile and mode != "plain" else None
+            if mode == "plain":
+                rate, steady, n = _plain(cfg)
+            else:
+                rate, steady, n = _ray(cfg, 1 if mode == "ray_1cpu" else 2, profile)
+            if profile:
+                row[f"{mode}_profile"] = profile
             row[f"{mode}_clips_per_s"] = round(rate, 3)
             row[f"{mode}_steady_clips_per_s"] = None if steady is None else round(steady, 3)
             row["clips"] = n
