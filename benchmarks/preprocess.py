@@ -20,6 +20,7 @@ own speed is not what is measured here), so depth figures show the pipeline's ov
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -98,20 +99,25 @@ class CpuSampler:
         self._thread.join()
         self._sample()
 
-    def by_role(self) -> dict[str, float]:
-        out: dict[str, float] = {}
+    def by_role(self) -> dict[str, dict]:
+        """``{role: {"cpu_s": seconds, "processes": n}}``, busiest first."""
+        out: dict[str, dict] = {}
         for pid, (role, cpu) in self.seen.items():
-            out[role] = out.get(role, 0.0) + cpu - self.start.get(pid, (role, 0.0))[1]
-        return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+            entry = out.setdefault(role.strip(), {"cpu_s": 0.0, "processes": 0})
+            entry["cpu_s"] += cpu - self.start.get(pid, (role, 0.0))[1]
+            entry["processes"] += 1
+        ranked = sorted(out.items(), key=lambda kv: -kv[1]["cpu_s"])
+        return {k: {**v, "cpu_s": round(v["cpu_s"], 2)} for k, v in ranked if v["cpu_s"] >= 0.05}
 
 
 def _ray(cfg, num_cpus: int, profile: dict | None = None) -> tuple[float, float | None, int]:
     import ray
 
+    from mvcustom.configs.common import init_ray
     from pipelines.preprocess import run_preprocess
 
     _pin(num_cpus)  # Ray's processes inherit the affinity: 1 CPU means one core for everything
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    init_ray(dataclasses.replace(cfg.ray, num_cpus=num_cpus), log_to_driver=False)  # as the job does
     try:
         t0 = time.perf_counter()
         with CpuSampler() as cpu:
@@ -131,6 +137,12 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--only", default=None, help="comma-separated configuration names")
     ap.add_argument("--profile", action="store_true", help="CPU seconds per Ray process during each run")
+    ap.add_argument(
+        "--depth-actors",
+        choices=["config", "per-cpu"],
+        default="config",
+        help="ZoeDepth actors of the Ray runs: the config's (1) or one per CPU",
+    )
     args = ap.parse_args()
 
     from mvcustom.configs import PreprocessConfig, SampleDataConfig, from_dict
@@ -206,6 +218,8 @@ def main() -> None:
             out = f"{root}/out/{name}/{mode}"
             shutil.rmtree(out, ignore_errors=True)
             cfg = from_dict(PreprocessConfig, {**base, **extra, "output": out}, name)
+            if mode != "plain" and args.depth_actors == "per-cpu":
+                cfg.depth.actors = 1 if mode == "ray_1cpu" else 2  # one model per core
             profile: dict | None = {} if args.profile and mode != "plain" else None
             if mode == "plain":
                 rate, steady, n = _plain(cfg)
