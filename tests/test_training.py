@@ -60,7 +60,9 @@ def test_deepspeed_config_is_derived_from_the_typed_config():
     debug = from_dict(TrainConfig, {"preset": "debug", "deepspeed": {"zero_stage": 3}}, "t")
     assert deepspeed_config(debug, torch.device("cpu"))["zero_optimization"]["stage3_max_reuse_distance"] == 0
     assert ds["bf16"]["enabled"] is False  # auto on CPU
-    assert deepspeed_config(cfg, torch.device("cuda", 0))["bf16"]["enabled"] is True
+    gpu = deepspeed_config(cfg, torch.device("cuda", 0))
+    assert gpu["bf16"]["enabled"] is True and gpu["data_types"] == {"buffer_dtype": "bf16"}
+    assert "data_types" not in ds  # fp32: buffers untouched
     bad = from_dict(TrainConfig, {"deepspeed": {"zero_stage": 0, "offload_optimizer": True}}, "t")
     with pytest.raises(ValueError, match="offload_optimizer needs zero_stage"):
         deepspeed_config(bad, torch.device("cpu"))
@@ -280,6 +282,23 @@ def test_ray_zero3_customize_from_a_stage1_run_with_mlflow(train_shards, tmp_pat
     again = main(argv)
     assert again["resumed_from"] and again["resumed_from"].endswith(s2["checkpoint"].rsplit("/", 1)[1])
     assert again["step"] == 4
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bf16_training_steps_and_resumes(train_shards, tmp_path, stage):
+    """The GPU precision (bf16, what ``precision: auto`` picks on CUDA) trains on CPU too: DeepSpeed
+    casts only parameters unless told, and the motion modules' fp32 position buffer then broke
+    the first bf16 Linear. Its checkpoints resume through the weights-only loader."""
+    from mvcustom.training.launch import run_local
+
+    over = {"deepspeed.zero_stage": stage, "deepspeed.precision": "bf16", "checkpoint_every": 1}
+    first = run_local(debug_config(train_shards, tmp_path / "a", max_steps=2, sample_every=100, **over))
+    assert first["step"] == 2 and torch.isfinite(torch.tensor(first["loss"]))
+    resume = str(tmp_path / "a" / "checkpoints" / "step_00000002")
+    again = run_local(
+        debug_config(train_shards, tmp_path / "b", max_steps=3, sample_every=100, **over), resume_from=resume
+    )
+    assert again["step"] == 3 and torch.isfinite(torch.tensor(again["loss"]))
 
 
 def test_zero_stage0_exports_its_trained_weights(train_shards, tmp_path):

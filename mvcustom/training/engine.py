@@ -51,6 +51,12 @@ def deepspeed_config(cfg, device: torch.device) -> dict:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if out["bf16"]["enabled"]:
+        # DeepSpeed >= 0.19 casts only the parameters to bf16 and keeps fp32 buffers, but the
+        # motion modules' sinusoidal position table is a buffer: added in fp32 it upcasts the
+        # hidden states and the next bf16 Linear fails ("float != BFloat16"). Cast buffers too,
+        # as module.bfloat16() does (our geometry runs in fp32 explicitly, not through buffers).
+        out["data_types"] = {"buffer_dtype": "bf16"}
     if ds.offload_optimizer:
         # DeepSpeed refuses a client optimizer under ZeRO-Offload unless told otherwise (it wants
         # its CPUAdam, which JIT-builds for ~40 s); our torch AdamW then steps on the CPU copy.
