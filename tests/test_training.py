@@ -344,3 +344,16 @@ def test_checkpoint_loading_is_weights_only(tmp_path):
 
     with pytest.raises(ValueError, match="weights_only=True"):
         harden_checkpoint_loading(Engine())
+
+
+def test_latest_checkpoint_skips_a_marker_still_being_written(tmp_path):
+    """Ray copies a reported checkpoint folder into storage file by file: a marker seen empty or
+    half-written is not a complete checkpoint (the two-node drill once read one mid-copy)."""
+    from mvcustom.training.launch import latest_checkpoint
+    from mvcustom.training.loop import MARKER
+
+    root = tmp_path / "train"
+    for name, text in (("checkpoint_a", '{"step": 2}'), ("checkpoint_b", ""), ("checkpoint_c", '{"st')):
+        (root / name).mkdir(parents=True)
+        (root / name / MARKER).write_text(text)
+    assert latest_checkpoint(str(tmp_path)) == str(root / "checkpoint_a")

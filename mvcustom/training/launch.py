@@ -34,8 +34,11 @@ def latest_checkpoint(output: str) -> str | None:
         return None
     best: tuple[int, str] | None = None
     for marker in fs.glob(f"{base}/checkpoint_*/{MARKER}"):
-        with fs.open(marker) as f:
-            step = int(json.load(f)["step"])
+        try:
+            with fs.open(marker) as f:
+                step = int(json.load(f)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a marker still being copied into storage (or torn by a crash): not complete
         folder = marker.rsplit("/", 1)[0]
         if best is None or step > best[0]:
             best = (step, folder)
