@@ -1,29 +1,36 @@
 """Preprocessing throughput: the Ray Data job on 1 and 2 CPUs against a plain single-process loop.
 
-    python benchmarks/preprocess.py [--co3d-sequences 8] [--webvid-videos 8] [--out DIR]
+    python benchmarks/preprocess.py [--co3d-sequences 8] [--clips-per-sequence 4] [--out DIR]
+                                    [--only co3d_zoedepth] [--placement auto,separate] [--profile]
 
 For each configuration (CO3D with dataset depth, CO3D + ZoeDepth, WebVid decode only, WebVid +
-SfM + ZoeDepth) the same clips are produced three ways in one run:
+SfM + ZoeDepth) the same clips are produced three ways in one run, each in a fresh process:
 
 * ``plain``: a single-process Python loop doing the same per-record work and writing the same
-  shards (the decode-bound reference, no Ray), pinned to one core;
-* ``ray_1cpu`` / ``ray_2cpu``: ``run_preprocess`` on an embedded Ray of 1 / 2 CPUs, the whole
-  process tree (driver, raylet, workers) pinned to 1 / 2 cores.
+  shards (``preprocess_inline``: the job's own ``ShardWorker``, no Ray), pinned to one core;
+* ``ray_1cpu`` / ``ray_2cpu``: the job (``run_preprocess``) on an embedded Ray of 1 / 2 CPUs, the
+  whole process tree (driver, GCS, raylet, workers) pinned to 1 / 2 cores.
 
-Prints one JSON document: clips/s of each end to end (listing, Ray start-up of workers and
-imports included; ``ray.init`` itself excluded) and in steady state (between the first and the
-last shard commit), and the ratios ``ray_1cpu / plain`` (target >= 0.9) and ``ray_2cpu / plain``
-(target >= 1.8). The ZoeDepth model is the tiny random one (the model's
-own speed is not what is measured here), so depth figures show the pipeline's overhead only.
+Both are timed as programs: from the process's start (interpreter, imports, model load, listing
+included) to its end, less ``ray.init`` and ``ray.shutdown`` for the Ray runs (starting and stopping
+the cluster is not the job's work: a cluster is up before jobs are submitted). Ray's worker processes import torch and load
+the model on the clock, as the plain loop does. Prints one JSON document: clips/s of each end to
+end and in steady state (between the first and the last shard commit), and the ratios
+``ray_1cpu / plain`` (target >= 0.9) and ``ray_2cpu / plain`` (target >= 1.8). The ZoeDepth model
+is the tiny random one (the model's own speed is not what is measured here), so depth figures
+show the pipeline's overhead only. ``--placement`` runs the depth configurations' Ray runs once
+per ``depth.placement`` (``fused``: one pool of shard workers; ``separate``: build tasks ->
+depth actors -> write tasks).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -33,20 +40,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 def _pin(cores: int) -> None:
     """Restrict this process (and every process it starts, Ray's included) to ``cores`` cores."""
     os.sched_setaffinity(0, set(range(min(cores, os.cpu_count() or 1))))
-    import torch
-
-    torch.set_num_threads(cores)
-
-
-def _plain(cfg) -> tuple[float, float | None, int]:
-    """The job's own per-shard functions (build, depth, write) called in a plain loop, one core."""
-    _pin(1)
-    from pipelines.preprocess import preprocess_inline, steady_rate
-
-    t0 = time.perf_counter()
-    out = preprocess_inline(cfg)
-    n = out["clips_written"]
-    return n / (time.perf_counter() - t0), steady_rate(out["commits"]), n
+    os.environ["OMP_NUM_THREADS"] = str(cores)
 
 
 class CpuSampler:
@@ -110,24 +104,117 @@ class CpuSampler:
         return {k: {**v, "cpu_s": round(v["cpu_s"], 2)} for k, v in ranked if v["cpu_s"] >= 0.05}
 
 
-def _ray(cfg, num_cpus: int, profile: dict | None = None) -> tuple[float, float | None, int]:
-    import ray
+def _child(mode: str, cpus: int, cfg_json: str, profile: bool) -> None:
+    """One measured run in this (fresh) process; prints its result as the last stdout line."""
+    _pin(cpus)
+    from mvcustom.configs import PreprocessConfig, from_dict
 
-    from mvcustom.configs.common import init_ray
-    from pipelines.preprocess import run_preprocess
+    cfg = from_dict(PreprocessConfig, json.loads(cfg_json), "bench")
+    out: dict = {"init_s": 0.0}
+    if mode == "plain":
+        import torch
 
-    _pin(num_cpus)  # Ray's processes inherit the affinity: 1 CPU means one core for everything
-    init_ray(dataclasses.replace(cfg.ray, num_cpus=num_cpus), log_to_driver=False)  # as the job does
-    try:
-        t0 = time.perf_counter()
-        with CpuSampler() as cpu:
-            s = run_preprocess(cfg)
-        wall = time.perf_counter() - t0
-        if profile is not None:
-            profile.update(wall_s=round(wall, 2), cpu_s_by_process=cpu.by_role())
-        return s["clips_written"] / wall, s["steady_clips_per_s"], s["clips_written"]
-    finally:
+        torch.set_num_threads(cpus)
+        from pipelines.preprocess import preprocess_inline
+
+        r = preprocess_inline(cfg)
+        out.update(clips=r["clips_written"], commits=r["commits"])
+    else:
+        import dataclasses
+
+        import ray
+
+        from mvcustom.configs.common import init_ray
+        from pipelines.preprocess import run_preprocess
+
+        t = time.perf_counter()
+        init_ray(dataclasses.replace(cfg.ray, num_cpus=cpus), log_to_driver=False)  # as the job does
+        out["init_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        sampler = CpuSampler() if profile else None
+        if sampler:
+            sampler.__enter__()
+        s = run_preprocess(cfg)
+        if sampler:
+            sampler.__exit__(None, None, None)
+            out["profile"] = {
+                "wall_s": round(time.perf_counter() - t, 2),
+                "cpu_s_by_process": sampler.by_role(),
+            }
+        out.update(clips=s["clips_written"], steady=s["steady_clips_per_s"])
+        t = time.perf_counter()
         ray.shutdown()
+        out["init_s"] += time.perf_counter() - t
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def _measure(mode: str, cpus: int, cfg_dict: dict, profile: bool) -> dict:
+    """Run :func:`_child` in a fresh process; wall clock from its start to its end, less the embedded
+    cluster's start and stop (``ray.init``, ``ray.shutdown``)."""
+    from pipelines.preprocess import steady_rate
+
+    cmd = [sys.executable, __file__, "--child", mode, "--cpus", str(cpus), "--cfg", json.dumps(cfg_dict)]
+    if profile:
+        cmd.append("--profile")
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode != 0 or not lines:
+        raise RuntimeError(f"{mode} run failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
+    r = json.loads(lines[-1][len("RESULT ") :])
+    seconds = wall - r["init_s"]
+    steady = steady_rate([tuple(c) for c in r["commits"]]) if mode == "plain" else r["steady"]
+    return {"clips_per_s": r["clips"] / seconds, "steady": steady, "clips": r["clips"], **r}
+
+
+def _run_mode(args, root: str, name: str, base: dict, extra: dict, mode: str, placement: str | None) -> dict:
+    from mvcustom.configs import PreprocessConfig, from_dict
+
+    out = f"{root}/out/{name}/{mode}"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg_dict = {**base, **extra, "output": out}
+    depth = {**extra.get("depth", {})}
+    if placement is not None:
+        depth["placement"] = placement
+    cfg = from_dict(PreprocessConfig, {**cfg_dict, "depth": depth}, name)  # validated here
+    cpus = 2 if mode.endswith("ray_2cpu") else 1
+    if mode != "plain" and not cfg.depth.fused and args.depth_actors == "per-cpu":
+        depth["actors"] = cpus  # one model per core
+    kind = "plain" if mode == "plain" else "ray"
+    return _measure(kind, cpus, {**cfg_dict, "depth": depth}, args.profile and kind == "ray")
+
+
+def _summarise(runs: dict[str, list[dict]], repeats: int) -> dict:
+    """Median clips/s per mode, and per-repeat ratios to that repeat's plain run (median, range)."""
+    import statistics
+
+    def rnd(v):
+        return None if v is None else round(v, 3)
+
+    row: dict = {"clips": runs["plain"][0]["clips"], "repeats": repeats}
+    for mode, rs in runs.items():
+        row[f"{mode}_clips_per_s"] = rnd(statistics.median(r["clips_per_s"] for r in rs))
+        steady = [r["steady"] for r in rs if r["steady"]]
+        row[f"{mode}_steady_clips_per_s"] = rnd(statistics.median(steady)) if steady else None
+        if mode != "plain":
+            row[f"{mode}_ray_init_s"] = rnd(statistics.median(r["init_s"] for r in rs))
+            if "profile" in rs[-1]:
+                row[f"{mode}_profile"] = rs[-1]["profile"]
+    for mode, rs in runs.items():
+        if mode == "plain":
+            continue
+        ratios = [r["clips_per_s"] / p["clips_per_s"] for r, p in zip(rs, runs["plain"], strict=True)]
+        row[f"ratio_{mode}_vs_plain"] = rnd(statistics.median(ratios))
+        row[f"ratio_{mode}_vs_plain_range"] = [rnd(min(ratios)), rnd(max(ratios))]
+        steady = [
+            r["steady"] / p["steady"]
+            for r, p in zip(rs, runs["plain"], strict=True)
+            if r["steady"] and p["steady"]
+        ]
+        if steady:
+            row[f"steady_ratio_{mode}_vs_plain"] = rnd(statistics.median(steady))
+    return row
 
 
 def main() -> None:
@@ -138,14 +225,28 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated configuration names")
     ap.add_argument("--profile", action="store_true", help="CPU seconds per Ray process during each run")
     ap.add_argument(
+        "--placement",
+        default="auto",
+        help="comma-separated depth.placement values to run (auto, fused, separate): the depth "
+        "configurations' Ray runs are repeated for each",
+    )
+    ap.add_argument(
         "--depth-actors",
         choices=["config", "per-cpu"],
         default="config",
-        help="ZoeDepth actors of the Ray runs: the config's (1) or one per CPU",
+        help="ZoeDepth actors of the separate layout's Ray runs: the config's (1) or one per CPU",
     )
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats (medians reported)")
+    ap.add_argument("--clips-per-sequence", type=int, default=4, help="CO3D clips per sequence")
+    ap.add_argument("--child", choices=["plain", "ray"], help=argparse.SUPPRESS)
+    ap.add_argument("--cpus", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--cfg", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        _child(args.child, args.cpus, args.cfg, args.profile)
+        return
 
-    from mvcustom.configs import PreprocessConfig, SampleDataConfig, from_dict
+    from mvcustom.configs import SampleDataConfig, from_dict
     from mvcustom.data.generator import generate_sample_data
     from mvcustom.models.zoedepth import save_tiny_zoedepth
 
@@ -186,13 +287,13 @@ def main() -> None:
         "co3d_dataset_depth": {
             "source": "co3d",
             "input": f"{root}/data/co3d",
-            "co3d": {"depth": "dataset", "clips_per_sequence": 4},
+            "co3d": {"depth": "dataset", "clips_per_sequence": args.clips_per_sequence},
         },
         "co3d_zoedepth": {
             "source": "co3d",
             "input": f"{root}/data/co3d",
             "samples_per_shard": 8,
-            "co3d": {"depth": "zoedepth", "clips_per_sequence": 4},
+            "co3d": {"depth": "zoedepth", "clips_per_sequence": args.clips_per_sequence},
             "depth": {"model": zoe, "input_size": [128, 128], "flip_average": False},
         },
         "webvid_decode_only": {
@@ -212,30 +313,19 @@ def main() -> None:
     if args.only:
         configs = {k: v for k, v in configs.items() if k in args.only.split(",")}
     results = {"data_generation_s": round(gen_s, 1), "machine_cpus": os.cpu_count(), "configs": {}}
+    placements = args.placement.split(",")
     for name, extra in configs.items():
-        row = {}
-        for mode in ("plain", "ray_1cpu", "ray_2cpu"):
-            out = f"{root}/out/{name}/{mode}"
-            shutil.rmtree(out, ignore_errors=True)
-            cfg = from_dict(PreprocessConfig, {**base, **extra, "output": out}, name)
-            if mode != "plain" and args.depth_actors == "per-cpu":
-                cfg.depth.actors = 1 if mode == "ray_1cpu" else 2  # one model per core
-            profile: dict | None = {} if args.profile and mode != "plain" else None
-            if mode == "plain":
-                rate, steady, n = _plain(cfg)
-            else:
-                rate, steady, n = _ray(cfg, 1 if mode == "ray_1cpu" else 2, profile)
-            if profile:
-                row[f"{mode}_profile"] = profile
-            row[f"{mode}_clips_per_s"] = round(rate, 3)
-            row[f"{mode}_steady_clips_per_s"] = None if steady is None else round(steady, 3)
-            row["clips"] = n
-        for m in ("ray_1cpu", "ray_2cpu"):
-            row[f"ratio_{m}_vs_plain"] = round(row[f"{m}_clips_per_s"] / row["plain_clips_per_s"], 3)
-            if row[f"{m}_steady_clips_per_s"] and row["plain_steady_clips_per_s"]:
-                row[f"steady_ratio_{m}_vs_plain"] = round(
-                    row[f"{m}_steady_clips_per_s"] / row["plain_steady_clips_per_s"], 3
-                )
+        depth = extra.get("estimate_depth", True) and extra.get("co3d", {}).get("depth") != "dataset"
+        modes = [("plain", None)] + [
+            (f"{p}_{m}" if depth and len(placements) > 1 else m, p if depth else None)
+            for p in (placements if depth else ["auto"])
+            for m in ("ray_1cpu", "ray_2cpu")
+        ]
+        runs: dict[str, list[dict]] = {m: [] for m, _ in modes}
+        for rep in range(args.repeats):  # interleaved, order reversed every other repeat: the
+            for mode, placement in modes if rep % 2 == 0 else modes[::-1]:  # host's speed drifts
+                runs[mode].append(_run_mode(args, root, name, base, extra, mode, placement))
+        row = _summarise(runs, args.repeats)
         results["configs"][name] = row
         print(json.dumps({name: row}), flush=True)
     results["targets"] = {"ratio_ray_1cpu_vs_plain": ">= 0.9", "ratio_ray_2cpu_vs_plain": ">= 1.8"}

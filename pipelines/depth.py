@@ -1,8 +1,10 @@
-"""The ZoeDepth stage of the preprocessing pipeline (a Ray Data actor-pool UDF).
+"""ZoeDepth in the preprocessing pipeline.
 
-Each actor loads the model once (:class:`mvcustom.models.zoedepth.DepthEstimator`), on a GPU when
-the actor was given one (``depth.num_gpus``, fractional to share a GPU), and estimates depth for
-every frame of the shard rows it receives, in batches of ``depth.batch_size`` frames.
+Each actor loads the model once (:func:`load_estimator`), on a GPU when the actor was given one
+(``depth.num_gpus``, fractional to share a GPU), and estimates depth for every frame of the
+shards it handles, in batches of ``depth.batch_size`` frames: inside the shard workers
+(``pipelines.preprocess.ShardWorker``, the fused layout) or as a stage of its own
+(:class:`DepthStage`, the separate layout).
 """
 
 from __future__ import annotations
@@ -38,18 +40,24 @@ def add_depth(sample: dict, estimator, mode: str) -> dict:
     return sample
 
 
+def load_estimator(cfg: DepthModelConfig, set_threads: bool = True):
+    """The model of one actor: on a GPU when the actor was given one (``num_gpus``), else on CPU
+    with ``floor(num_cpus)`` torch threads (the actor's share of its node, not the whole node)."""
+    import torch
+
+    from mvcustom.models.zoedepth import DepthEstimator
+
+    device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    if device == "cpu" and set_threads:
+        torch.set_num_threads(max(1, math.floor(cfg.cpus_per_actor)))
+    return DepthEstimator(cfg.model, device, cfg.input_size, cfg.flip_average, cfg.batch_size)
+
+
 class DepthStage:
-    """``map_batches`` callable class: one shard row per batch (``batch_size=1``)."""
+    """``map_batches`` callable class of the separate layout: one shard row per batch."""
 
     def __init__(self, cfg: DepthModelConfig, mode: str = "replace"):
-        import torch
-
-        from mvcustom.models.zoedepth import DepthEstimator
-
-        device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        if device == "cpu":  # as many intra-op threads as CPUs granted, not as the machine has
-            torch.set_num_threads(max(1, math.floor(cfg.num_cpus)))
-        self.estimator = DepthEstimator(cfg.model, device, cfg.input_size, cfg.flip_average, cfg.batch_size)
+        self.estimator = load_estimator(cfg)
         self.mode = mode
 
     def __call__(self, batch: dict) -> dict:

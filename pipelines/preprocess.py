@@ -1,22 +1,31 @@
-"""The preprocessing job's Ray Data builder: raw CO3Dv2 / WebVid -> WebDataset shards.
+"""The preprocessing job's Ray Data builder: raw CO3Dv2 / WebVid / photos -> WebDataset shards.
 
-Plan (one Ray Data pipeline, streaming, shards as the unit of work)::
+Shards are the unit of work, retry and resume. The driver lists the inputs deterministically,
+assigns them to shards and skips completed ones; the rows (one per shard) then stream through
+one of two layouts (``depth.placement``)::
 
-    shard specs (driver: deterministic listing, completed shards skipped)
-      -> map  build_shard   CPU task per shard: load/decode, crop/resize, poses (CO3D annotations
-                            or pycolmap SfM), encode samples; bad records become error rows
-      -> map_batches DepthStage   actor pool (model loaded once per actor, GPU if configured):
-                            ZoeDepth for every frame of the shard (only when depth is estimated)
-      -> map  write_shard   atomic tar + marker (pipelines.shards)
+    separate (depth on GPUs)                       fused (depth on CPUs; the default there)
+    -> map  build_shard  CPU task per shard:       -> map_batches ShardWorker  actor pool, model
+            load/decode, crop/resize, poses (CO3D          loaded once per actor: build, depth
+            annotations or pycolmap SfM), encode;          and commit of each shard in one
+            bad records become error rows                  process (the work of the three
+    -> map_batches DepthStage  actor pool, model           stages on the left, nothing through
+            once per actor, GPU if configured              the object store but a status row)
+    -> map  write_shard  atomic tar + marker
     driver: collect markers -> manifest.parquet, errors.parquet; summary -> stdout + MLflow
 
-Resources: depth actors take ``depth.num_cpus`` (fractional by default) and ``depth.num_gpus``;
-build tasks take 1 CPU, or what the actors leave when that is less (:func:`plan_cpus`), so an
-actor pool can never hold the CPUs the tasks feeding it need (the deadlock STACK.md notes on 2
-CPUs, and the one a 1-CPU run hit here). Without a depth stage, build and write fuse into one
-task. ``ray.max_errored_blocks`` bounds how
-many shard failures (unexpected exceptions, dead workers) the job tolerates before aborting;
-record-level failures never fail a shard.
+Without a depth model there is one task per shard (build and write fuse: equal CPU requests).
+
+Resources. Separate: depth actors take ``depth.num_cpus`` (0.5 by default) and
+``depth.num_gpus``; build tasks take 1 CPU, or what the actors leave when that is less
+(:func:`plan_cpus`), so an actor pool can never hold the CPUs the tasks feeding it need (the
+deadlock STACK.md notes on 2 CPUs, and the one a 1-CPU run hit here). Fused: as many workers as
+the cluster's CPUs hold (:func:`fused_workers`); the shard rows come from the driver, so there
+are no read tasks to starve. Why fused on CPUs: each stage of the separate layout is a worker
+process of its own (importing torch), and every frame crosses the object store twice; on CPU
+that costs more than the stages' overlap gains (``benchmarks/preprocess.py``, README).
+``ray.max_errored_blocks`` bounds how many shard failures (unexpected exceptions, dead workers)
+the job tolerates before aborting; record-level failures never fail a shard.
 """
 
 from __future__ import annotations
@@ -91,10 +100,21 @@ def _stage_of(exc: BaseException) -> str:
     return getattr(exc, "stage", "load")
 
 
-def build_shard(row: dict, cfg: PreprocessConfig) -> dict:
-    """Ray Data ``map`` UDF: build every sample of one shard; failures become error rows."""
+@dataclass
+class BuiltShard:
+    """One shard's encoded samples and its manifest and error rows, before depth and commit."""
+
+    shard: int
+    samples: list[dict]
+    manifest: list[dict]
+    errors: list[dict]
+    build_s: float
+
+
+def build_samples(shard: int, items: list, cfg: PreprocessConfig) -> BuiltShard:
+    """Build every sample of one shard; failures become error rows (a bad record must never take
+    its shard down)."""
     t0 = time.perf_counter()
-    items = pickle.loads(row["items"])
     samples, manifest, errors = [], [], []
     for item in items:
         try:
@@ -103,36 +123,92 @@ def build_shard(row: dict, cfg: PreprocessConfig) -> dict:
             manifest.append(
                 {
                     "key": clip.key,
-                    "shard": f"{shardlib.shard_name(cfg.split, row['shard'])}.tar",
+                    "shard": f"{shardlib.shard_name(cfg.split, shard)}.tar",
                     "source": cfg.source,
                     "source_id": item.id,
                     "num_frames": int(clip.frames.shape[0]),
                 }
             )
-        except Exception as e:  # a bad record must never take its shard down
+        except Exception as e:
             reason = str(e) if hasattr(e, "stage") else f"{type(e).__name__}: {e}"
             errors.append({"id": item.id, "stage": _stage_of(e), "reason": reason})
+    return BuiltShard(shard, samples, manifest, errors, time.perf_counter() - t0)
+
+
+def commit(built: BuiltShard, cfg: PreprocessConfig) -> dict:
+    """Commit the shard (tar, then marker); returns a small status row."""
+    shardlib.commit_shard(cfg.output, cfg.split, built.shard, built.samples, built.manifest, built.errors)
     return {
-        "shard": row["shard"],
-        "samples": pickle.dumps(samples),
-        "manifest": json.dumps(manifest),
-        "errors": json.dumps(errors),
-        "build_s": time.perf_counter() - t0,
+        "shard": built.shard,
+        "samples": len(built.samples),
+        "errors": len(built.errors),
+        "build_s": float(built.build_s),
+        "done_at": time.time(),
+    }
+
+
+def build_shard(row: dict, cfg: PreprocessConfig) -> dict:
+    """Ray Data ``map`` UDF of the separate layout: :func:`build_samples` as a row."""
+    b = build_samples(int(row["shard"]), pickle.loads(row["items"]), cfg)
+    return {
+        "shard": b.shard,
+        "samples": pickle.dumps(b.samples),
+        "manifest": json.dumps(b.manifest),
+        "errors": json.dumps(b.errors),
+        "build_s": b.build_s,
     }
 
 
 def write_shard(row: dict, cfg: PreprocessConfig) -> dict:
-    """Ray Data ``map`` UDF: commit the shard (tar, then marker); returns a small status row."""
-    samples = pickle.loads(row["samples"])
-    manifest, errors = json.loads(row["manifest"]), json.loads(row["errors"])
-    shardlib.commit_shard(cfg.output, cfg.split, int(row["shard"]), samples, manifest, errors)
-    return {
-        "shard": int(row["shard"]),
-        "samples": len(samples),
-        "errors": len(errors),
-        "build_s": float(row["build_s"]),
-        "done_at": time.time(),
-    }
+    """Ray Data ``map`` UDF of the separate layout: :func:`commit` a built (and depth-added) row."""
+    built = BuiltShard(
+        int(row["shard"]),
+        pickle.loads(row["samples"]),
+        json.loads(row["manifest"]),
+        json.loads(row["errors"]),
+        float(row["build_s"]),
+    )
+    return commit(built, cfg)
+
+
+def depth_mode(cfg: PreprocessConfig) -> str:
+    """``both`` keeps CO3D's depth beside the estimate; ``replace`` writes the estimate as depth."""
+    return "both" if cfg.source == "co3d" and cfg.co3d.depth == "both" else "replace"
+
+
+class ShardWorker:
+    """The whole per-shard job in one process: build -> depth -> commit, the depth model loaded
+    once. A Ray Data actor-pool UDF in the fused layout (``depth.placement``; one shard row per
+    batch), and the loop of :func:`preprocess_inline`.
+
+    Args:
+        cfg: the job's config.
+        set_threads: give torch ``floor(depth.num_cpus)`` threads (an actor's share of its node);
+            ``False`` leaves the calling process's setting alone.
+    """
+
+    def __init__(self, cfg: PreprocessConfig, set_threads: bool = True):
+        from pipelines.depth import load_estimator
+
+        self.cfg = cfg
+        self.estimator = load_estimator(cfg.depth, set_threads) if needs_depth_model(cfg) else None
+
+    def process(self, shard: int, items: list) -> dict:
+        from pipelines.depth import add_depth
+
+        built = build_samples(shard, items, self.cfg)
+        if self.estimator is not None:
+            mode = depth_mode(self.cfg)
+            built.samples = [add_depth(s, self.estimator, mode) for s in built.samples]
+        return commit(built, self.cfg)
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        rows = [
+            self.process(int(s), pickle.loads(i)) for s, i in zip(batch["shard"], batch["items"], strict=True)
+        ]
+        return {k: np.array([r[k] for r in rows]) for k in rows[0]}
 
 
 def steady_rate(done: list[tuple[float, int]]) -> float | None:
@@ -145,17 +221,18 @@ def steady_rate(done: list[tuple[float, int]]) -> float | None:
 
 
 def plan_cpus(cfg: PreprocessConfig, cluster_cpus: float) -> tuple[float, float]:
-    """CPUs per build task and per write task, leaving the depth actors their share.
+    """CPUs per build task and per write task of the separate layout, leaving the depth actors
+    their share.
 
-    The actor pool holds ``depth.actors * depth.num_cpus`` for the whole run; a build task that
-    asks for more than what is left could never be scheduled and the job would hang (seen with
-    one CPU and a 0.5-CPU actor). The ``free`` CPUs left are split evenly over ``ceil(free)``
-    build tasks, so as many builders run as there are cores to feed them (1.5 free -> two 0.75
-    tasks, not one 1-CPU task that leaves a core idle), and a pool that leaves nothing is refused.
+    The actor pool holds ``actors * num_cpus`` for the whole run; a build task that asks for
+    more than what is left could never be scheduled and the job would hang (seen with one CPU
+    and a 0.5-CPU actor). The ``free`` CPUs left are split evenly over ``ceil(free)`` build
+    tasks, so as many builders run as there are cores to feed them (1.5 free -> two 0.75 tasks,
+    not one 1-CPU task that leaves a core idle), and a pool that leaves nothing is refused.
     """
-    if not needs_depth_model(cfg):
+    if not needs_depth_model(cfg) or cfg.depth.fused:
         return 1.0, 1.0
-    reserved = cfg.depth.actors * cfg.depth.num_cpus
+    reserved = (cfg.depth.actors or 1) * cfg.depth.cpus_per_actor
     free = cluster_cpus - reserved
     if free <= 0:
         raise ValueError(
@@ -163,6 +240,15 @@ def plan_cpus(cfg: PreprocessConfig, cluster_cpus: float) -> tuple[float, float]
             "for the tasks that feed the actors; lower depth.num_cpus or depth.actors"
         )
     return free / math.ceil(free), min(0.25, free)
+
+
+def fused_workers(cfg: PreprocessConfig, cluster_cpus: float) -> int:
+    """Shard workers of the fused layout: ``depth.actors``, or as many as the cluster's CPUs hold
+    at ``depth.num_cpus`` each (the input rows are already in the object store: there are no
+    read tasks for the pool to starve)."""
+    if cfg.depth.actors is not None:
+        return cfg.depth.actors
+    return max(1, math.floor(cluster_cpus / cfg.depth.cpus_per_actor + 1e-9))
 
 
 def content_fingerprint(cfg: PreprocessConfig) -> dict:
@@ -174,6 +260,7 @@ def content_fingerprint(cfg: PreprocessConfig) -> dict:
         "ray.",
         "mlflow.",
         "depth.actors",
+        "depth.placement",
         "depth.num_gpus",
         "depth.num_cpus",
         "depth.batch_size",
@@ -208,29 +295,49 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         ctx.op_resource_reservation_enabled = cfg.ray.reserve_operator_resources
         rows = [{"shard": i, "items": pickle.dumps([listing.items[j] for j in specs[i]])} for i in todo]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-        build_cpus, write_cpus = plan_cpus(cfg, ray.cluster_resources().get("CPU", 1.0))
-        # max_retries: a task lost with its worker or node is rerun (shards are idempotent). It
-        # also keeps Ray Data from fusing the build into the depth actors when their CPU requests
-        # happen to be equal (it did on 1 CPU: every build then ran serially inside one actor).
+        cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
+        # max_retries: a task lost with its worker or node is rerun (shards are idempotent).
         retries = {"max_retries": cfg.ray.task_retries}
-        ds = ds.map(build_shard, fn_kwargs={"cfg": cfg}, num_cpus=build_cpus, **retries)
-        if needs_depth_model(cfg):
-            from pipelines.depth import DepthStage
-
+        d = cfg.depth
+        if needs_depth_model(cfg) and d.fused:
+            # One stage: every shard is built, given depth and committed by one actor, which
+            # loaded the model once. Actors lost with their node are restarted and their shard
+            # retried (at most ray.task_retries times: a shard that kills its worker every time
+            # must not loop forever). Two shards in flight per actor: the next is queued while
+            # one runs (with one, each actor idled ~0.15 s per shard until the executor's 10 Hz
+            # loop saw the completion; ~10% on 1-s shards), and at most one waits at the end.
             ds = ds.map_batches(
-                DepthStage,
-                fn_constructor_kwargs={
-                    "cfg": cfg.depth,
-                    "mode": "both" if cfg.source == "co3d" and cfg.co3d.depth == "both" else "replace",
-                },
+                ShardWorker,
+                fn_constructor_kwargs={"cfg": cfg},
                 batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=cfg.depth.actors),
-                num_cpus=cfg.depth.num_cpus,
-                num_gpus=cfg.depth.num_gpus,
+                compute=ray.data.ActorPoolStrategy(
+                    size=fused_workers(cfg, cluster_cpus), max_tasks_in_flight_per_actor=2
+                ),
+                num_cpus=d.cpus_per_actor,
+                num_gpus=d.num_gpus,
+                max_task_retries=cfg.ray.task_retries,
             )
-        # Without a depth stage the writer asks for what the builder asks for, so Ray Data fuses
-        # the two into one task (no second worker pool, no payload through the object store).
-        ds = ds.map(write_shard, fn_kwargs={"cfg": cfg}, num_cpus=write_cpus, **retries)
+        else:
+            build_cpus, write_cpus = plan_cpus(cfg, cluster_cpus)
+            # max_retries also keeps Ray Data from fusing the build into the depth actors when
+            # their CPU requests happen to be equal (it did on 1 CPU: every build then ran
+            # serially inside one actor).
+            ds = ds.map(build_shard, fn_kwargs={"cfg": cfg}, num_cpus=build_cpus, **retries)
+            if needs_depth_model(cfg):
+                from pipelines.depth import DepthStage
+
+                ds = ds.map_batches(
+                    DepthStage,
+                    fn_constructor_kwargs={"cfg": d, "mode": depth_mode(cfg)},
+                    batch_size=1,
+                    compute=ray.data.ActorPoolStrategy(size=d.actors or 1),
+                    num_cpus=d.cpus_per_actor,
+                    num_gpus=d.num_gpus,
+                )
+            # Without a depth stage the writer asks for what the builder asks for, so Ray Data
+            # fuses the two into one task (no second worker pool, no payload through the object
+            # store).
+            ds = ds.map(write_shard, fn_kwargs={"cfg": cfg}, num_cpus=write_cpus, **retries)
         results = list(ds.iter_rows())
     manifest, errors = shardlib.collect(cfg.output, cfg.split, listing.errors)
     missing = [i for i in todo if i not in shardlib.completed_shards(cfg.output, cfg.split)]
@@ -260,25 +367,14 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
 
 
 def preprocess_inline(cfg: PreprocessConfig) -> dict:
-    """The job's own per-shard functions (build, depth, write) in this process, without Ray:
-    the benchmark's baseline, and a quick way for tests to make shards. Same outputs as
-    :func:`run_preprocess` (shards, markers, manifest, errors); no resume, no parallelism."""
-    from mvcustom.models.zoedepth import DepthEstimator
-    from pipelines.depth import add_depth
-
+    """The job's own per-shard work (:class:`ShardWorker`: build, depth, write) in this process,
+    without Ray: the benchmark's baseline, and a quick way for tests to make shards. Same outputs
+    as :func:`run_preprocess` (shards, markers, manifest, errors); no resume, no parallelism."""
     listing = list_items(cfg)
-    est = None
-    if needs_depth_model(cfg):
-        d = cfg.depth
-        est = DepthEstimator(d.model, "cpu", d.input_size, d.flip_average, d.batch_size)
+    worker = ShardWorker(cfg, set_threads=False)
     n, done = 0, []
     for idx, rng in enumerate(shardlib.assign_shards(len(listing.items), cfg.samples_per_shard)):
-        row = build_shard({"shard": idx, "items": pickle.dumps([listing.items[j] for j in rng])}, cfg)
-        if est is not None:
-            row["samples"] = pickle.dumps(
-                [add_depth(s, est, "replace") for s in pickle.loads(row["samples"])]
-            )
-        status = write_shard(row, cfg)
+        status = worker.process(idx, [listing.items[j] for j in rng])
         n += status["samples"]
         done.append((status["done_at"], status["samples"]))
     shardlib.collect(cfg.output, cfg.split, listing.errors)

@@ -12,6 +12,7 @@ import pytest
 import webdataset as wds
 
 from mvcustom.configs import PreprocessConfig, from_dict
+from mvcustom.configs.base import ConfigError
 from mvcustom.data.schema import decode_sample
 from pipelines.preprocess import run_preprocess
 from pipelines.shards import preflight_output
@@ -205,27 +206,52 @@ def test_cpu_plan_never_starves_the_feeding_tasks():
 
     co3d = _cfg("co3d", "in", "out")
     assert plan_cpus(co3d, 2.0) == (1.0, 1.0)  # no actors: build and write fuse
-    web = _cfg("webvid", "in", "out", "depth.num_cpus=0.5", "depth.actors=1")
+    sep = ("depth.placement=separate",)
+    web = _cfg("webvid", "in", "out", *sep, "depth.num_cpus=0.5", "depth.actors=1")
     assert plan_cpus(web, 2.0) == (0.75, 0.25)  # two builders share the 1.5 CPUs the actor leaves
     assert plan_cpus(web, 1.0) == (0.5, 0.25)  # 1 CPU: the build task must fit beside the actor
     assert plan_cpus(web, 16.0) == (15.5 / 16, 0.25)
+    assert plan_cpus(_cfg("webvid", "in", "out", *sep), 1.0) == (0.5, 0.25)  # default: one 0.5-CPU actor
     with pytest.raises(ValueError, match="leaves nothing of the cluster's 1 for the tasks"):
-        plan_cpus(_cfg("webvid", "in", "out", "depth.num_cpus=1.0"), 1.0)
+        plan_cpus(_cfg("webvid", "in", "out", *sep, "depth.num_cpus=1.0"), 1.0)
 
 
-def test_co3d_dataset_and_estimated_depth_side_by_side(sample_data, tmp_path, tiny_zoedepth, ray_local):
-    out = tmp_path / "both"
-    summary = run_preprocess(
-        _cfg(
-            "co3d",
-            sample_data / "co3d",
-            out,
-            "co3d.depth=both",
-            f"depth.model={tiny_zoedepth}",
-            "co3d.categories=[car]",
-        )
-    )
-    assert summary["clips_written"] == 2
-    for s in _read_back(out):
+def test_depth_placement_and_fused_pool_size():
+    from pipelines.preprocess import fused_workers, plan_cpus
+
+    cpu = _cfg("webvid", "in", "out")  # auto on CPU: fused, one 1-CPU worker per core
+    assert cpu.depth.fused and cpu.depth.cpus_per_actor == 1.0
+    assert [fused_workers(cpu, c) for c in (1.0, 2.0, 2.5, 16.0)] == [1, 2, 2, 16]
+    assert plan_cpus(cpu, 1.0) == (1.0, 1.0)  # no separate build tasks to plan for
+    two = _cfg("webvid", "in", "out", "depth.num_cpus=2")
+    assert fused_workers(two, 16.0) == 8 and fused_workers(two, 1.0) == 1
+    assert fused_workers(_cfg("webvid", "in", "out", "depth.actors=3"), 16.0) == 3
+    gpu = _cfg("webvid", "in", "out", "depth.num_gpus=0.25")  # auto on GPUs: separate
+    assert not gpu.depth.fused and gpu.depth.cpus_per_actor == 0.5
+    assert _cfg("webvid", "in", "out", "depth.num_gpus=1", "depth.placement=fused").depth.fused
+    with pytest.raises(ConfigError, match="depth.placement"):
+        _cfg("webvid", "in", "out", "depth.placement=inline")
+
+
+def test_fused_and_separate_layouts_write_the_same_shards(sample_data, tmp_path, tiny_zoedepth, ray_local):
+    """The two layouts run the same per-record work: same manifest, same samples byte for byte."""
+    common = ("co3d.depth=both", f"depth.model={tiny_zoedepth}", "samples_per_shard=1")
+    outs = {}
+    for placement in ("fused", "separate"):
+        out = outs[placement] = tmp_path / placement
+        s = run_preprocess(_cfg("co3d", sample_data / "co3d", out, *common, f"depth.placement={placement}"))
+        assert s["clips_written"] == 4 and s["shards_written"] == 4 and s["errors"] == 0
+    fused, separate = (pq.read_table(outs[p] / "manifest.parquet") for p in ("fused", "separate"))
+    assert fused.equals(separate)
+
+    def members(out):
+        return [
+            {k: v for k, v in s.items() if k not in ("__url__", "__local_path__")}
+            for tar in sorted(out.glob("*.tar"))
+            for s in wds.WebDataset(str(tar), shardshuffle=False)
+        ]
+
+    assert members(outs["fused"]) == members(outs["separate"])
+    for s in _read_back(outs["fused"]):  # co3d.depth=both: the estimate beside CO3D's depth
         assert s.depth is not None and s.depth_est is not None and s.depth_est.shape == s.depth.shape
         assert s.meta["depth_source"] == "co3d" and s.meta["depth_est_source"] == "zoedepth"

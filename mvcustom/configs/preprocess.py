@@ -90,16 +90,27 @@ class PhotosInputConfig:
 
 @dataclass
 class DepthModelConfig:
-    """ZoeDepth estimation in a Ray Data actor pool.
+    """ZoeDepth estimation, and where it runs in the pipeline.
 
     Attributes:
         model: ``from_pretrained`` path or hub id (default ``Intel/zoedepth-nyu-kitti``).
         batch_size: frames per forward pass. Two-head checkpoints (``zoedepth-nyu-kitti``) vote
             the NYU/KITTI head over the whole batch, so keep it >= ``clip.num_frames``: one
             head per clip (batches never mix clips).
+        placement: ``separate``: CPU build tasks feed a pool of depth actors, whose output
+            write tasks commit (the GPU layout: decoding and SfM scale on CPUs apart from the
+            GPUs). ``fused``: one pool of shard workers, each builds, estimates depth and
+            commits its shards in one process with the model loaded once (the CPU layout: no
+            second copy of every frame through the object store, no separate build and write
+            worker processes). ``auto``: ``fused`` when
+            ``num_gpus`` is 0, ``separate`` otherwise.
         num_gpus: GPUs per actor (fractions share a GPU; 0 runs on CPU).
-        num_cpus: CPUs per actor (fractional on small machines so reads are not starved).
-        actors: actor pool size.
+        num_cpus: CPUs per actor; ``None``: 1 for a fused shard worker (it does all the CPU
+            work of its shards), 0.5 for a separate depth actor (fractional so the build tasks
+            feeding it are not starved). Torch uses ``floor(num_cpus)`` threads, at least 1.
+        actors: pool size; ``None``: 1 depth actor (``separate``), or as many shard workers as
+            the cluster's CPUs hold at ``num_cpus`` each (``fused``; each holds a model in
+            memory, so cap it on many-core nodes with little RAM).
         input_size: network input size ``[height, width]`` the frames are resized towards
             (ZoeDepth's processor uses 384x512; sides are rounded to multiples of 32).
         flip_average: also run the mirrored frame and average (the processor's default).
@@ -107,16 +118,30 @@ class DepthModelConfig:
 
     model: str = "Intel/zoedepth-nyu-kitti"
     batch_size: int = 16
+    placement: Literal["auto", "separate", "fused"] = "auto"
     num_gpus: float = 0.0
-    num_cpus: float = 0.5
-    actors: int = 1
+    num_cpus: float | None = None
+    actors: int | None = None
     input_size: tuple[int, int] = (384, 512)
     flip_average: bool = True
 
     def __post_init__(self) -> None:
-        check(self.batch_size >= 1 and self.actors >= 1, "depth.batch_size and depth.actors must be >= 1")
-        check(self.num_gpus >= 0 and self.num_cpus > 0, "depth.num_gpus must be >= 0 and depth.num_cpus > 0")
+        check(self.batch_size >= 1, "depth.batch_size must be >= 1")
+        check(self.actors is None or self.actors >= 1, "depth.actors must be >= 1 (or null: automatic)")
+        check(self.num_gpus >= 0, "depth.num_gpus must be >= 0")
+        check(self.num_cpus is None or self.num_cpus > 0, "depth.num_cpus must be > 0 (or null: automatic)")
         check(min(self.input_size) >= 32, "depth.input_size sides must be >= 32")
+
+    @property
+    def fused(self) -> bool:
+        """Whether depth runs inside the shard workers (see ``placement``)."""
+        return self.placement == "fused" or (self.placement == "auto" and self.num_gpus == 0)
+
+    @property
+    def cpus_per_actor(self) -> float:
+        if self.num_cpus is not None:
+            return self.num_cpus
+        return 1.0 if self.fused else 0.5
 
 
 @dataclass
