@@ -287,6 +287,7 @@ def main() -> None:
         "co3d_dataset_depth": {
             "source": "co3d",
             "input": f"{root}/data/co3d",
+            "samples_per_shard": 8,
             "co3d": {"depth": "dataset", "clips_per_sequence": args.clips_per_sequence},
         },
         "co3d_zoedepth": {
