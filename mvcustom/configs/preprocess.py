@@ -102,7 +102,8 @@ class DepthModelConfig:
             GPUs). ``fused``: one pool of shard workers, each builds, estimates depth and
             commits its shards in one process with the model loaded once (the CPU layout: no
             second copy of every frame through the object store, no separate build and write
-            worker processes). ``auto``: ``fused`` when
+            worker processes; 256 clips with ZoeDepth on 2 CPUs: 1.38x the plain loop against
+            1.06x, README). ``auto``: ``fused`` when
             ``num_gpus`` is 0, ``separate`` otherwise.
         num_gpus: GPUs per actor (fractions share a GPU; 0 runs on CPU).
         num_cpus: CPUs per actor; ``None``: 1 for a fused shard worker (it does all the CPU
