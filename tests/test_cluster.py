@@ -514,8 +514,10 @@ def test_fault_drill_kills_a_node_under_the_fused_shard_workers(
     if cluster.worker_id not in {n["node_id"] for n in cluster.alive_nodes()}:
         cluster.worker_id = cluster.add_worker()  # the drills before killed the last one
     shards = tmp_path / "shards"
+    # depth.actors=4: one worker per CPU of both nodes, fixed (the default sizes the pool from the
+    # CPUs the cluster shows at job start, which missed a node that had only just joined)
     job = _start_drill_preprocess(
-        cluster, sample_data, shards, "co3d.depth=zoedepth", f"depth.model={tiny_zoedepth}"
+        cluster, sample_data, shards, "co3d.depth=zoedepth", f"depth.model={tiny_zoedepth}", "depth.actors=4"
     )
     worker_temp, victim = cluster.workers[-1], cluster.worker_id
 
@@ -541,9 +543,10 @@ def test_fault_drill_kills_a_node_under_the_fused_shard_workers(
         for a in cluster.state("actors", _submission_id(stderr))
         if "ShardWorker" in (a.get("repr_name") or "")
     ]
-    # How Ray recovered is a figure, not a check: the killed node's actors are restarted on the
-    # head (the state API then reports that node for them), or, if they died while still
-    # starting, the pool goes on without them. The checks are the outputs above.
+    # 4 one-CPU workers fill both nodes, so the kill took some of them. How Ray recovered them
+    # is reported, not asserted: here they were restarted on the head (the state API then
+    # reports that node for them); the checks are the outputs above.
+    assert len(workers) >= 4, workers
     with capsys.disabled():
         print(
             f"\nfused drill: {len(workers)} shard workers, killed at {kill_at:.1f} s with {committed_at_kill}/12"
