@@ -110,8 +110,9 @@ class DepthModelConfig:
             work of its shards), 0.5 for a separate depth actor (fractional so the build tasks
             feeding it are not starved). Torch uses ``floor(num_cpus)`` threads, at least 1.
         actors: pool size; ``None``: 1 depth actor (``separate``), or as many shard workers as
-            the cluster's CPUs hold at ``num_cpus`` each (``fused``; each holds a model in
-            memory, so cap it on many-core nodes with little RAM).
+            the cluster's CPUs hold at ``num_cpus`` each (``fused``; counted when the job
+            starts, so set it on an autoscaling cluster or one whose nodes are still joining;
+            each worker holds a model in memory, so cap it on many-core nodes with little RAM).
         input_size: network input size ``[height, width]`` the frames are resized towards
             (ZoeDepth's processor uses 384x512; sides are rounded to multiples of 32).
         flip_average: also run the mirrored frame and average (the processor's default).
