@@ -40,6 +40,7 @@ from mvcustom.configs.common import init_ray
 from mvcustom.configs.preprocess import PreprocessConfig
 from mvcustom.data.schema import ClipSample, encode_sample
 from pipelines import shards as shardlib
+from pipelines.depth import add_depth, load_estimator
 
 
 @dataclass
@@ -188,14 +189,10 @@ class ShardWorker:
     """
 
     def __init__(self, cfg: PreprocessConfig, set_threads: bool = True):
-        from pipelines.depth import load_estimator
-
         self.cfg = cfg
         self.estimator = load_estimator(cfg.depth, set_threads) if needs_depth_model(cfg) else None
 
     def process(self, shard: int, items: list) -> dict:
-        from pipelines.depth import add_depth
-
         built = build_samples(shard, items, self.cfg)
         if self.estimator is not None:
             mode = depth_mode(self.cfg)
