@@ -7,12 +7,14 @@ An evaluation spec (subjects x prompts x trajectories x seeds [x variants]) is g
 Ray Data actor pool (the pipeline loaded once per actor), scored (pycolmap pose accuracy,
 multi-view consistency, identity, text alignment) and written to ``<output>/results.parquet``,
 ``aggregate.csv`` and ``report/index.html``, all logged to one MLflow run. Rerunning resumes.
+Exits 1, naming the samples, when any planned sample did not score.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from mvcustom.configs import EvaluateConfig, load_config
 
@@ -27,6 +29,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     summary = run_evaluate(cfg)
     print(json.dumps(summary, indent=1, default=str))
+    if not summary["complete"]:
+        failed = sorted(summary["failure_reasons"])
+        print(
+            f"evaluation INCOMPLETE: {summary['failed']} of {summary['samples']} samples did not score "
+            f"({summary['lost']} lost): {', '.join(failed[:20])}{' ...' if len(failed) > 20 else ''}\n"
+            "  their reasons are in results.parquet (failure_reason); rerun the same command to retry them "
+            "(scored samples are kept)",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
     return summary
 
 

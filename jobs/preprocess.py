@@ -2,12 +2,16 @@
 
 python -m jobs.preprocess --config jobs/configs/preprocess_co3d_debug.yaml [--set key=value ...]
 ray job submit --working-dir . -- python -m jobs.preprocess --config ...
+
+Exits 1, naming the shards, when any planned shard was not committed (rerun = resume).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import tempfile
 
 import fsspec
@@ -33,6 +37,12 @@ def main(argv: list[str] | None = None) -> dict:
             fs.get(f"{root}/{name}", f"{d}/{name}")
         summary["mlflow_run_id"] = log_job(cfg, cfg.mlflow, summary, {"tables": d})
     print(json.dumps(summary, indent=1, ensure_ascii=False))
+    if not summary["complete"]:
+        from pipelines.preprocess import failure_report
+
+        rerun = shlex.join(["python", "-m", "jobs.preprocess", *(sys.argv[1:] if argv is None else argv)])
+        print(failure_report(summary, rerun), file=sys.stderr)
+        raise SystemExit(1)
     return summary
 
 

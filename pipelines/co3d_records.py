@@ -87,7 +87,8 @@ def list_co3d_items(
             if cfg.subset_name:
                 sl = co3d.load_set_list(root, category, cfg.subset_name)
                 keep = {(e[0], e[1]) for split in cfg.splits for e in sl.get(split, [])}
-        except (OSError, ValueError) as e:
+        except (FileNotFoundError, ValueError) as e:  # missing or corrupt annotations; a storage
+            # timeout propagates and fails the job before any shard is planned (nothing is lost)
             errors.append(_error(category, "annotations", str(e)))
             continue
         for seq in sorted(cat.frames_by_sequence):

@@ -170,16 +170,27 @@ def _read_png(url: str) -> np.ndarray:
 
 
 def write_json(url: str, data: dict) -> None:
-    with fsspec.open(url, "w") as f:
-        json.dump(data, f, indent=1, default=float)
+    """Atomically (temporary name, then rename): a killed writer leaves no half file behind."""
+    from pipelines.shards import atomic_write
+
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    atomic_write(fs, path, json.dumps(data, indent=1, default=float).encode("utf8"))
 
 
 def read_json(url: str) -> dict | None:
+    """The JSON object at ``url``; ``None`` when it is missing or unreadable (a file truncated
+    by a writer older than :func:`write_json`'s atomic rename: its sample is redone)."""
     fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(path):
+    try:
+        with fs.open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf8"))
+    except FileNotFoundError:
         return None
-    with fs.open(path, "r") as f:
-        return json.load(f)
+    except ValueError:
+        print(f"[evaluate] {url} is truncated or not JSON: its sample is redone", flush=True)
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _cams_json(cams: Cameras) -> dict:

@@ -4,7 +4,11 @@ an HTML report and one MLflow run.
 
 Resumable: a sample whose ``result.json`` exists is not touched again; one that was generated but
 not scored is only scored; failed ones are retried (their reasons stay in ``results.parquet``
-until they succeed). Per-sample work lives in :mod:`pipelines.eval_records`.
+until they succeed). A rerun with another model or other sampling/scoring settings into the same
+output is refused (``_evaluation.json``); ``sample.json``/``result.json`` are written atomically
+and a truncated one is redone. ``results.parquet`` holds exactly one row per planned sample
+(``lost`` for one Ray Data never returned); the summary's ``complete`` is False, and the entry
+point exits non-zero, unless every sample scored. Per-sample work lives in :mod:`pipelines.eval_records`.
 """
 
 from __future__ import annotations
@@ -18,75 +22,117 @@ from mvcustom.configs.base import pin_local_path
 from mvcustom.configs.common import init_ray
 from pipelines import eval_records as er
 
+# settings that change what a sample or its scores are (the rest only change how fast)
+_SCALING = ("actors", "num_gpus", "scorers", "actor_cpus", "scorer_cpus", "report_samples", "spec", "output")
+
+
+def model_identity(url: str | None) -> dict | None:
+    """What identifies a model folder's content: every file's relative path, size and the
+    backend's own change key (local: size and mtime; s3: ETag). ``None`` for a hub id or a
+    missing path (the id is the identity then)."""
+    if not url:
+        return None
+    fs, root = fsspec.core.url_to_fs(url)
+    if not fs.exists(root):
+        return None
+    if not fs.isdir(root):
+        return {"": fs.ukey(root)}
+    return {p[len(root) :].lstrip("/"): fs.ukey(p) for p in sorted(fs.find(root))}
+
+
+def eval_fingerprint(cfg) -> dict:
+    from mvcustom.configs.base import flatten, to_dict
+
+    flat = flatten(to_dict(cfg))
+    fp = {k: v for k, v in flat.items() if not k.startswith(("ray.", "mlflow.")) and k not in _SCALING}
+    fp["model_files"] = model_identity(cfg.model)
+    fp["depth_model_files"] = model_identity(cfg.depth_model)
+    return json.loads(json.dumps(fp, default=str))
+
+
+def check_fingerprint(cfg) -> None:
+    """Record what produced ``output`` (``_evaluation.json``) and refuse to reuse its samples for
+    another model or other sampling/scoring settings (they would be mixed into one table)."""
+    path = f"{cfg.output.rstrip('/')}/_evaluation.json"
+    new = eval_fingerprint(cfg)
+    old = er.read_json(path)
+    if old is None:
+        er.write_json(path, new)
+        return
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ValueError(
+            f"evaluation output {cfg.output!r} holds samples made with other settings ({', '.join(diff)}): "
+            "a rerun reuses finished samples, so they would be mixed. Evaluate into a new output, or restore "
+            "the original model and settings to resume"
+        )
+
+
+def _check_row(row: dict, stored: dict, what: str) -> None:
+    changed = [c for c in er.SPEC_COLUMNS if c != "shards" and c in stored and str(stored[c]) != str(row[c])]
+    if changed:
+        raise ValueError(
+            f"sample {row['sample_id']}: its {what} was made for another spec row (changed: {', '.join(changed)}); "
+            "a spec row under an existing sample id must not change. Evaluate into a new output or give it another name"
+        )
+
 
 def plan(cfg) -> dict:
     """What is left to do: rows to generate, generated rows to score, results already there."""
     rows = er.load_spec(cfg.spec, cfg.num_references)
+    ids = [r["sample_id"] for r in rows]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ValueError(
+            f"spec {cfg.spec}: sample ids {dup} occur more than once (subject/variant/trajectory names)"
+        )
     todo_generate, todo_score, done = [], [], []
     for row in rows:
         row["shards"] = pin_local_path(row["shards"], must_exist=True)
         d = er.sample_dir(cfg.output, row["sample_id"])
         result = er.read_json(f"{d}/result.json")
         if result is not None:
+            _check_row(row, result, "result")
             done.append(result)
             continue
         meta = er.read_json(f"{d}/sample.json")
-        (todo_score if meta is not None and meta.get("status") == "generated" else todo_generate).append(
-            meta if meta is not None and meta.get("status") == "generated" else row
-        )
+        if meta is not None and meta.get("status") == "generated":
+            _check_row(row, meta, "generated sample")
+            todo_score.append(meta)
+        else:
+            todo_generate.append(row)
     return {"rows": rows, "generate": todo_generate, "score": todo_score, "done": done}
 
 
 def run_evaluate(cfg) -> dict:
     """Run (or resume) an evaluation; returns the summary."""
     import pandas as pd
-    import ray
-
-    from mvcustom.configs import to_dict
 
     if not cfg.model or not cfg.output:
         raise ValueError("config keys 'model' and 'output' are required (set them in the YAML or with --set)")
     # Ray workers run in their own working directory: pin local relative paths
     cfg.model, cfg.spec = pin_local_path(cfg.model, True), pin_local_path(cfg.spec, True)
     cfg.depth_model, cfg.output = pin_local_path(cfg.depth_model, True), pin_local_path(cfg.output)
+    check_fingerprint(cfg)
     work = plan(cfg)
     t0 = time.time()
     new: list[dict] = []
+    execution_error = None
     if work["generate"] or work["score"]:
-        init_ray(cfg.ray, log_to_driver=False)
-        ctx = ray.data.DataContext.get_current()
-        ctx.max_errored_blocks = cfg.ray.max_errored_blocks
-        ctx.op_resource_reservation_enabled = cfg.ray.reserve_operator_resources
-        config = to_dict(cfg)
-        parts = []
-        if work["generate"]:
-            # rows travel as JSON: Ray Data would turn a column mixing None and text into floats
-            todo = [{"record": json.dumps(r)} for r in work["generate"]]
-            gen = ray.data.from_items(todo, override_num_blocks=len(todo))
-            gen = gen.map_batches(
-                er.GenerateSamples,
-                fn_constructor_kwargs={"config": config},
-                batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-                num_cpus=cfg.actor_cpus,
-                num_gpus=cfg.num_gpus,
-            )
-            parts.append(gen)
-        if work["score"]:
-            ready = [{"record": json.dumps(m)} for m in work["score"]]
-            parts.append(ray.data.from_items(ready, override_num_blocks=len(ready)))
-        ds = parts[0] if len(parts) == 1 else parts[0].union(parts[1])
-        ds = ds.map_batches(
-            er.ScoreSamples,
-            fn_constructor_kwargs={"config": config},
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=cfg.scorers),
-            num_cpus=cfg.scorer_cpus,
-        )
-        for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
-            new += er.records({"record": list(batch["record"])})
+        try:
+            _execute(cfg, work, new)
+        except Exception as e:  # Ray Data aborted: the samples it did not return are reported
+            execution_error = f"{type(e).__name__}: {e}"[-4000:]
     seconds = time.time() - t0
-    results = pd.DataFrame(work["done"] + new)
+    # reconcile: exactly one row per planned sample (a sample Ray Data never returned is "lost")
+    have = {r["sample_id"] for r in work["done"] + new}
+    lost = [
+        {**r, "status": "lost", "failure_reason": execution_error or "no result returned"}
+        for r in work["rows"]
+        if r["sample_id"] not in have
+    ]
+    results = pd.DataFrame(work["done"] + new + lost)
+    assert sorted(results["sample_id"]) == sorted(r["sample_id"] for r in work["rows"]), "results != plan"
     order = {r["sample_id"]: i for i, r in enumerate(work["rows"])}
     results = results.sort_values("sample_id", key=lambda s: s.map(order)).reset_index(drop=True)
     for col in ("failure_reason", "pose_failure_reason"):
@@ -112,6 +158,8 @@ def run_evaluate(cfg) -> dict:
         "skipped_already_scored": len(work["done"]),
         "scored_only": len(work["score"]),
         "generated_now": len(generated_now),
+        "lost": len(lost),
+        "complete": bool((results["status"] == "scored").all()),
         "seconds": round(seconds, 2),
         "failure_reasons": {
             r["sample_id"]: r["failure_reason"]
@@ -119,6 +167,8 @@ def run_evaluate(cfg) -> dict:
             if isinstance(r.get("failure_reason"), str)
         },
     }
+    if execution_error:
+        summary["execution_error"] = execution_error
     if summary["generated_now"] and seconds > 0:
         summary["samples_per_min"] = round(60 * summary["generated_now"] / seconds, 3)
     scored = results[results["status"] == "scored"]
@@ -139,6 +189,52 @@ def run_evaluate(cfg) -> dict:
             summary["mlflow_run_id"], summary["report"], "report"
         )
     return summary
+
+
+def _execute(cfg, work: dict, new: list) -> None:
+    """Generate and score with Ray Data; each returned record is appended to ``new`` as it
+    arrives (an aborted run keeps what it finished)."""
+    import ray
+
+    from mvcustom.configs import to_dict
+
+    init_ray(cfg.ray, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.max_errored_blocks = cfg.ray.max_errored_blocks
+    ctx.op_resource_reservation_enabled = cfg.ray.reserve_operator_resources
+    config = to_dict(cfg)
+    # a sample that kills its actor every time ends as a failure after ray.actor_restarts
+    # restarts, not a loop; tasks of a restarted actor are retried (Ray Data's default)
+    actor_ft = {"max_restarts": cfg.ray.actor_restarts, "max_task_retries": cfg.ray.actor_task_retries}
+    parts = []
+    if work["generate"]:
+        # rows travel as JSON: Ray Data would turn a column mixing None and text into floats
+        todo = [{"record": json.dumps(r)} for r in work["generate"]]
+        gen = ray.data.from_items(todo, override_num_blocks=len(todo))
+        gen = gen.map_batches(
+            er.GenerateSamples,
+            fn_constructor_kwargs={"config": config},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+            num_cpus=cfg.actor_cpus,
+            num_gpus=cfg.num_gpus,
+            **actor_ft,
+        )
+        parts.append(gen)
+    if work["score"]:
+        ready = [{"record": json.dumps(m)} for m in work["score"]]
+        parts.append(ray.data.from_items(ready, override_num_blocks=len(ready)))
+    ds = parts[0] if len(parts) == 1 else parts[0].union(parts[1])
+    ds = ds.map_batches(
+        er.ScoreSamples,
+        fn_constructor_kwargs={"config": config},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=cfg.scorers),
+        num_cpus=cfg.scorer_cpus,
+        **actor_ft,
+    )
+    for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
+        new += er.records({"record": list(batch["record"])})
 
 
 def _log_mlflow(cfg, summary: dict, results, table) -> str | None:

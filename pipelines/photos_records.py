@@ -34,7 +34,8 @@ from mvcustom.configs.preprocess import PreprocessConfig
 from mvcustom.data.schema import ClipSample, make_key
 from mvcustom.geometry import Cameras, center_crop_box
 from pipelines.co3d_records import normalize_scene
-from pipelines.webvid_records import RecordError, camera_motion
+from pipelines.errors import RecordError, TransientError, is_transient
+from pipelines.webvid_records import camera_motion
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -104,10 +105,14 @@ def build_photos_clip(item: PhotoItem, cfg: PreprocessConfig) -> ClipSample:
     try:
         frames = np.stack([load_photo(p, H, W) for p in item.photos])
     except Exception as e:
+        if is_transient(e):
+            raise TransientError(f"reading the photos of {item.id}: {type(e).__name__}: {e}") from e
         raise RecordError("read", f"{type(e).__name__}: {e}") from None
     try:
         res = run_sfm(frames, dataclasses.replace(cfg.sfm, matcher="exhaustive"))
     except Exception as e:
+        if is_transient(e):
+            raise TransientError(f"SfM of {item.id}: {type(e).__name__}: {e}") from e
         raise RecordError("sfm", f"pycolmap failed: {type(e).__name__}: {e}") from None
     if not res.ok:
         raise RecordError("sfm", res.reason)

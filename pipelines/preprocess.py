@@ -24,8 +24,11 @@ the cluster's CPUs hold (:func:`fused_workers`); the shard rows come from the dr
 are no read tasks to starve. Why fused on CPUs: each stage of the separate layout is a worker
 process of its own (importing torch), and every frame crosses the object store twice; on CPU
 that costs more than the stages' overlap gains (``benchmarks/preprocess.py``, README).
-``ray.max_errored_blocks`` bounds how many shard failures (unexpected exceptions, dead workers)
-the job tolerates before aborting; record-level failures never fail a shard.
+Failure semantics (nothing lost, nothing silent): a bad record is an error row; an environmental
+fault retries its shard (Ray task/actor retries on :class:`pipelines.errors.TransientError`); a
+shard lost with its worker or node is retried; ``ray.max_errored_blocks`` (0) lets no failed
+shard pass silently. Any planned shard without a marker at the end makes the run incomplete:
+the summary names it and the entry point exits non-zero; a rerun resumes it.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from mvcustom.configs.preprocess import PreprocessConfig
 from mvcustom.data.schema import ClipSample, encode_sample
 from pipelines import shards as shardlib
 from pipelines.depth import add_depth, load_estimator
+from pipelines.errors import ShardFailedError, TransientError, as_error_row, is_transient
 
 
 @dataclass
@@ -113,8 +117,10 @@ class BuiltShard:
 
 
 def build_samples(shard: int, items: list, cfg: PreprocessConfig) -> BuiltShard:
-    """Build every sample of one shard; failures become error rows (a bad record must never take
-    its shard down)."""
+    """Build every sample of one shard. A record that is bad (:func:`pipelines.errors.as_error_row`)
+    becomes an error row and never takes its shard down; an environmental fault (timeout,
+    throttling, credentials, memory) raises :class:`TransientError` so Ray retries the shard
+    instead of storing a good record as bad; anything else is a bug and fails the shard."""
     t0 = time.perf_counter()
     samples, manifest, errors = [], [], []
     for item in items:
@@ -131,6 +137,10 @@ def build_samples(shard: int, items: list, cfg: PreprocessConfig) -> BuiltShard:
                 }
             )
         except Exception as e:
+            if is_transient(e):  # the record may be fine: fail the shard, Ray retries it
+                raise TransientError(f"shard {shard}, item {item.id}: {type(e).__name__}: {e}") from e
+            if not as_error_row(e):  # a bug, not the input's fault: fail loudly
+                raise
             reason = str(e) if hasattr(e, "stage") else f"{type(e).__name__}: {e}"
             errors.append({"id": item.id, "stage": _stage_of(e), "reason": reason})
     return BuiltShard(shard, samples, manifest, errors, time.perf_counter() - t0)
@@ -190,6 +200,7 @@ class ShardWorker:
 
     def __init__(self, cfg: PreprocessConfig, set_threads: bool = True):
         self.cfg = cfg
+        self.transient_failures: dict[int, int] = {}
         self.estimator = load_estimator(cfg.depth, set_threads) if needs_depth_model(cfg) else None
 
     def process(self, shard: int, items: list) -> dict:
@@ -202,9 +213,19 @@ class ShardWorker:
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        rows = [
-            self.process(int(s), pickle.loads(i)) for s, i in zip(batch["shard"], batch["items"], strict=True)
-        ]
+        rows = []
+        for s, i in zip(batch["shard"], batch["items"], strict=True):
+            shard = int(s)
+            try:
+                rows.append(self.process(shard, pickle.loads(i)))
+            except TransientError as e:
+                # Ray retries this task on this actor (actor_task_retry_on_errors) and its task
+                # retries are unlimited so that a dead node cannot use them up; the bound on a
+                # fault that persists is counted here, per shard
+                n = self.transient_failures[shard] = self.transient_failures.get(shard, 0) + 1
+                if n > self.cfg.ray.task_retries:
+                    raise ShardFailedError(f"shard {shard}: {n} attempts failed, the last with: {e}") from e
+                raise
         return {k: np.array([r[k] for r in rows]) for k in rows[0]}
 
 
@@ -262,6 +283,7 @@ def content_fingerprint(cfg: PreprocessConfig) -> dict:
         "depth.num_cpus",
         "depth.batch_size",
         "sfm.num_threads",
+        "lock_ttl_s",
     )
     return {k: v for k, v in flat.items() if not k.startswith(scaling) and k != "output"}
 
@@ -271,73 +293,33 @@ def _round(v: float | None) -> float | None:
 
 
 def run_preprocess(cfg: PreprocessConfig) -> dict:
-    """Run the job; returns the summary (also printed by the entry point and logged to MLflow)."""
-    import ray
+    """Run the job; returns the summary (also printed by the entry point and logged to MLflow).
 
+    The summary's ``shards_failed`` lists every planned shard that has no marker when the run
+    ends (``complete`` is False then; the entry point exits non-zero): a shard whose fault
+    outlasted its retries, or every shard left when Ray Data aborted (``execution_error``).
+    """
     if not cfg.input or not cfg.output:
         raise ValueError("config keys 'input' and 'output' are required (set them in the YAML or with --set)")
     t0 = time.time()
     shardlib.preflight_output(cfg.output)
-    shardlib.check_job_fingerprint(cfg.output, content_fingerprint(cfg))
-    listing = list_items(cfg)
-    specs = shardlib.assign_shards(len(listing.items), cfg.samples_per_shard)
-    done = shardlib.completed_shards(cfg.output, cfg.split)
-    todo = [i for i in range(len(specs)) if i not in done]
-    shardlib.clean_temporaries(cfg.output)
-    results: list[dict] = []
-    if todo:
-        init_ray(cfg.ray)
-        ctx = ray.data.DataContext.get_current()
-        ctx.max_errored_blocks = cfg.ray.max_errored_blocks
-        ctx.op_resource_reservation_enabled = cfg.ray.reserve_operator_resources
-        rows = [{"shard": i, "items": pickle.dumps([listing.items[j] for j in specs[i]])} for i in todo]
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-        cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
-        # max_retries: a task lost with its worker or node is rerun (shards are idempotent).
-        retries = {"max_retries": cfg.ray.task_retries}
-        d = cfg.depth
-        if needs_depth_model(cfg) and d.fused:
-            # One stage: every shard is built, given depth and committed by one actor, which
-            # loaded the model once. Actors lost with their node are restarted and their shard
-            # retried (at most ray.task_retries times: a shard that kills its worker every time
-            # must not loop forever). Two shards in flight per actor: the next is queued while
-            # one runs (with one, each actor idled ~0.15 s per shard until the executor's 10 Hz
-            # loop saw the completion; ~10% on 1-s shards), and at most one waits at the end.
-            ds = ds.map_batches(
-                ShardWorker,
-                fn_constructor_kwargs={"cfg": cfg},
-                batch_size=1,
-                compute=ray.data.ActorPoolStrategy(
-                    size=fused_workers(cfg, cluster_cpus), max_tasks_in_flight_per_actor=2
-                ),
-                num_cpus=d.cpus_per_actor,
-                num_gpus=d.num_gpus,
-                max_task_retries=cfg.ray.task_retries,
-            )
-        else:
-            build_cpus, write_cpus = plan_cpus(cfg, cluster_cpus)
-            # max_retries also keeps Ray Data from fusing the build into the depth actors when
-            # their CPU requests happen to be equal (it did on 1 CPU: every build then ran
-            # serially inside one actor).
-            ds = ds.map(build_shard, fn_kwargs={"cfg": cfg}, num_cpus=build_cpus, **retries)
-            if needs_depth_model(cfg):
-                from pipelines.depth import DepthStage
-
-                ds = ds.map_batches(
-                    DepthStage,
-                    fn_constructor_kwargs={"cfg": d, "mode": depth_mode(cfg)},
-                    batch_size=1,
-                    compute=ray.data.ActorPoolStrategy(size=d.actors or 1),
-                    num_cpus=d.cpus_per_actor,
-                    num_gpus=d.num_gpus,
-                )
-            # Without a depth stage the writer asks for what the builder asks for, so Ray Data
-            # fuses the two into one task (no second worker pool, no payload through the object
-            # store).
-            ds = ds.map(write_shard, fn_kwargs={"cfg": cfg}, num_cpus=write_cpus, **retries)
-        results = list(ds.iter_rows())
-    manifest, errors = shardlib.collect(cfg.output, cfg.split, listing.errors)
-    missing = [i for i in todo if i not in shardlib.completed_shards(cfg.output, cfg.split)]
+    with shardlib.OutputLock(cfg.output, cfg.lock_ttl_s):
+        shardlib.check_job_fingerprint(cfg.output, content_fingerprint(cfg))
+        listing = list_items(cfg)
+        specs = shardlib.assign_shards(len(listing.items), cfg.samples_per_shard)
+        shardlib.check_plan(cfg.output, cfg.split, [[listing.items[j].id for j in r] for r in specs])
+        done = shardlib.completed_shards(cfg.output, cfg.split)
+        todo = [i for i in range(len(specs)) if i not in done]
+        shardlib.clean_temporaries(cfg.output)
+        results: list[dict] = []
+        execution_error = None
+        if todo:
+            try:
+                _execute(cfg, listing, specs, todo, results)
+            except Exception as e:  # Ray Data aborted: report what is missing, then fail the job
+                execution_error = f"{type(e).__name__}: {e}"[-4000:]
+        manifest, errors = shardlib.collect(cfg.output, cfg.split, listing.errors)
+        missing = [i for i in todo if i not in shardlib.completed_shards(cfg.output, cfg.split)]
     seconds = time.time() - t0
     reasons: dict[str, dict] = {}
     for r in errors.to_pylist():
@@ -348,19 +330,106 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
     summary = {
         "source": cfg.source,
         "output": cfg.output,
+        "complete": not missing,
         "inputs": len(listing.items) + len(listing.errors),
         "clips_written": manifest.num_rows,
         "errors": errors.num_rows,
         "shards_total": len(specs),
         "shards_skipped_complete": len(specs) - len(todo),
         "shards_written": len(results),
-        "shards_failed": missing,
+        "shards_failed": [shardlib.shard_name(cfg.split, i) for i in missing],
+        "shards_failed_count": len(missing),
+        "items_not_processed": sum(len(specs[i]) for i in missing),
         "seconds": round(seconds, 2),
         "clips_per_s": round(sum(r["samples"] for r in results) / seconds, 3) if results else 0.0,
         "steady_clips_per_s": _round(steady_rate([(r["done_at"], r["samples"]) for r in results])),
         "failure_reasons": reasons,
     }
+    if execution_error:
+        summary["execution_error"] = execution_error
     return summary
+
+
+def _execute(
+    cfg: PreprocessConfig, listing: Listing, specs: list[range], todo: list[int], results: list
+) -> None:
+    """Build the Ray Data program over the shards in ``todo`` and run it, appending each shard's
+    status row to ``results`` as it commits (so a run that aborts still reports what it did)."""
+    import ray
+
+    init_ray(cfg.ray)
+    ctx = ray.data.DataContext.get_current()
+    # 0 by default: a record-level failure is already an error row, so a failed block is a real
+    # fault, and a budget > 0 would let Ray Data drop its shards and finish "successfully"
+    ctx.max_errored_blocks = cfg.ray.max_errored_blocks
+    ctx.op_resource_reservation_enabled = cfg.ray.reserve_operator_resources
+    ctx.actor_task_retry_on_errors = [TransientError]
+    rows = [{"shard": i, "items": pickle.dumps([listing.items[j] for j in specs[i]])} for i in todo]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
+    # tasks: rerun when their worker or node died, or on a transient fault (bounded by Ray)
+    retries = {"max_retries": cfg.ray.task_retries, "retry_exceptions": [TransientError]}
+    # actors: restarted at most ray.actor_restarts times (a shard that kills its worker every
+    # time ends as a failure, not a loop); their tasks are retried without limit by default
+    # (ray.actor_task_retries = -1), since Ray core spends a retry per failed push to a dead
+    # node's actor before the GCS declares the node dead (a bound of 3 lost shards that way)
+    actor_ft = {"max_restarts": cfg.ray.actor_restarts, "max_task_retries": cfg.ray.actor_task_retries}
+    d = cfg.depth
+    if needs_depth_model(cfg) and d.fused:
+        # One stage: every shard is built, given depth and committed by one actor, which loaded
+        # the model once. Two shards in flight per actor: the next is queued while one runs
+        # (with one, each actor idled ~0.15 s per shard until the executor's 10 Hz loop saw the
+        # completion; ~10% on 1-s shards), and at most one waits at the end.
+        ds = ds.map_batches(
+            ShardWorker,
+            fn_constructor_kwargs={"cfg": cfg},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(
+                size=fused_workers(cfg, cluster_cpus), max_tasks_in_flight_per_actor=2
+            ),
+            num_cpus=d.cpus_per_actor,
+            num_gpus=d.num_gpus,
+            **actor_ft,
+        )
+    else:
+        build_cpus, write_cpus = plan_cpus(cfg, cluster_cpus)
+        # max_retries also keeps Ray Data from fusing the build into the depth actors when
+        # their CPU requests happen to be equal (it did on 1 CPU: every build then ran
+        # serially inside one actor).
+        ds = ds.map(build_shard, fn_kwargs={"cfg": cfg}, num_cpus=build_cpus, **retries)
+        if needs_depth_model(cfg):
+            from pipelines.depth import DepthStage
+
+            ds = ds.map_batches(
+                DepthStage,
+                fn_constructor_kwargs={"cfg": d, "mode": depth_mode(cfg)},
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=d.actors or 1),
+                num_cpus=d.cpus_per_actor,
+                num_gpus=d.num_gpus,
+                **actor_ft,
+            )
+        # Without a depth stage the writer asks for what the builder asks for, so Ray Data
+        # fuses the two into one task (no second worker pool, no payload through the object
+        # store).
+        ds = ds.map(write_shard, fn_kwargs={"cfg": cfg}, num_cpus=write_cpus, **retries)
+    for r in ds.iter_rows():
+        results.append(r)
+
+
+def failure_report(summary: dict, rerun: str) -> str:
+    """What did not finish and how to finish it (printed by the entry point before it exits 1)."""
+    lines = [
+        f"preprocessing INCOMPLETE: {summary['shards_failed_count']} of {summary['shards_total']} shards "
+        f"({summary['items_not_processed']} inputs) have no committed marker:",
+        "  "
+        + ", ".join(summary["shards_failed"][:20])
+        + (" ..." if summary["shards_failed_count"] > 20 else ""),
+    ]
+    if summary.get("execution_error"):
+        lines.append(f"  Ray Data stopped with: {summary['execution_error'][-1500:]}")
+    lines.append(f"  Rerun the same command to resume (committed shards are skipped): {rerun}")
+    return "\n".join(lines)
 
 
 def preprocess_inline(cfg: PreprocessConfig) -> dict:

@@ -16,6 +16,7 @@ stage, stays in metres: monocular and SfM scales are not aligned at preprocessin
 
 from __future__ import annotations
 
+import csv
 import io
 import string
 from dataclasses import dataclass
@@ -30,14 +31,9 @@ from PIL import Image
 from mvcustom.configs.preprocess import PreprocessConfig, WebVidInputConfig
 from mvcustom.data.schema import ClipSample, make_key
 from mvcustom.geometry import Cameras, center_crop_box, rotation_angle_deg
+from pipelines.errors import RecordError, TransientError, is_transient
 
-
-class RecordError(Exception):
-    """A bad input record; ``stage`` says where it failed (read, decode, sfm...)."""
-
-    def __init__(self, stage: str, message: str):
-        super().__init__(message)
-        self.stage = stage
+__all__ = ["RecordError", "WebVidItem", "build_webvid_clip", "decode_frames", "list_webvid_items"]
 
 
 @dataclass
@@ -51,6 +47,22 @@ class WebVidItem:
 
 def _template_fields(template: str) -> list[str]:
     return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+def _read_csv_bytes(raw: bytes) -> pa.Table:
+    """Every column as raw bytes: no type inference (ids keep leading zeros) and no UTF-8
+    check over the whole file, so one row with bad bytes is that row's error, not the file's."""
+    header = raw.split(b"\n", 1)[0].decode("utf8", errors="replace").lstrip("\ufeff").rstrip("\r")
+    names = next(csv.reader([header]), [])
+    if not names:
+        raise ValueError("empty CSV (no header line)")
+    return pacsv.read_csv(
+        io.BytesIO(raw),
+        convert_options=pacsv.ConvertOptions(
+            strings_can_be_null=True, column_types={n: pa.binary() for n in names}
+        ),
+        read_options=pacsv.ReadOptions(autogenerate_column_names=False),
+    )
 
 
 def list_webvid_items(root: str, cfg: WebVidInputConfig) -> tuple[list[WebVidItem], list[dict]]:
@@ -71,15 +83,17 @@ def list_webvid_items(root: str, cfg: WebVidInputConfig) -> tuple[list[WebVidIte
         name = path.rsplit("/", 1)[-1]
         try:
             with fs.open(path, "rb") as f:
-                head = pacsv.read_csv(
-                    io.BytesIO(f.read()),
-                    convert_options=pacsv.ConvertOptions(strings_can_be_null=True, column_types={}),
-                    read_options=pacsv.ReadOptions(autogenerate_column_names=False),
-                )
-        except (pa.ArrowInvalid, OSError) as e:
+                raw = f.read()
+        except Exception as e:
+            if is_transient(e):
+                raise TransientError(f"reading {path}: {type(e).__name__}: {e}") from e
+            errors.append({"id": name, "stage": "csv", "reason": f"unreadable CSV: {type(e).__name__}: {e}"})
+            continue
+        try:
+            table = _read_csv_bytes(raw)
+        except (pa.ArrowInvalid, ValueError) as e:
             errors.append({"id": name, "stage": "csv", "reason": f"unreadable CSV: {e}"})
             continue
-        table = head.cast(pa.schema([(c, pa.string()) for c in head.column_names]))
         missing_cols = [c for c in needed if c not in table.column_names]
         if missing_cols:
             errors.append(
@@ -90,8 +104,24 @@ def list_webvid_items(root: str, cfg: WebVidInputConfig) -> tuple[list[WebVidIte
                 }
             )
             continue
-        for i, row in enumerate(table.to_pylist()):
-            rid = f"{name}:{i + 2}"  # line number: header is line 1
+        for i, raw_row in enumerate(table.to_pylist()):
+            rid = f"{name}:{i + 2}"  # line number: header is line 1 (rows with embedded newlines shift it)
+            bad = []
+            row = {}
+            for c, v in raw_row.items():
+                try:
+                    row[c] = None if v is None else v.decode("utf8")
+                except UnicodeDecodeError:
+                    bad.append(c)
+            if bad:
+                errors.append(
+                    {
+                        "id": rid,
+                        "stage": "csv",
+                        "reason": f"field(s) {bad} are not valid UTF-8; re-encode the CSV",
+                    }
+                )
+                continue
             absent = [c for c in needed if not (row.get(c) or "").strip()]
             if absent:
                 errors.append({"id": rid, "stage": "csv", "reason": f"missing field(s) {absent}"})
@@ -123,8 +153,10 @@ def decode_frames(url: str, num_frames: int, target_fps: float | None) -> tuple[
         f = fsspec.open(url, "rb").open()
     except FileNotFoundError:
         raise RecordError("read", f"video not found: {url}") from None
-    except OSError as e:
-        raise RecordError("read", f"cannot open {url}: {e}") from None
+    except Exception as e:
+        if is_transient(e):
+            raise TransientError(f"opening {url}: {type(e).__name__}: {e}") from e
+        raise RecordError("read", f"cannot open {url}: {type(e).__name__}: {e}") from None
     frames, indices = [], []
     try:
         with f, av.open(f) as container:
@@ -144,6 +176,8 @@ def decode_frames(url: str, num_frames: int, target_fps: float | None) -> tuple[
     except RecordError:
         raise
     except Exception as e:  # PyAV raises many error types for corrupt/truncated input
+        if is_transient(e):  # a read of the file object timed out: the video may be fine
+            raise TransientError(f"reading {url}: {type(e).__name__}: {e}") from e
         raise RecordError("decode", f"corrupt or unsupported video {url}: {type(e).__name__}: {e}") from None
     if len(frames) < num_frames:
         what = f"at {target_fps} fps " if target_fps else ""
@@ -206,6 +240,8 @@ def build_webvid_clip(item: WebVidItem, cfg: PreprocessConfig) -> ClipSample:
         try:
             res = run_sfm(frames, cfg.sfm)
         except Exception as e:  # pycolmap can raise on degenerate input; it is the clip's failure
+            if is_transient(e):  # out of memory is the node's failure, not the clip's
+                raise TransientError(f"SfM of {item.id}: {type(e).__name__}: {e}") from e
             raise RecordError("sfm", f"pycolmap failed: {type(e).__name__}: {e}") from None
         meta["pose_quality"] = res.quality()
         if not res.ok:

@@ -76,7 +76,7 @@ def test_spec_expands_to_stable_unique_sample_ids(tmp_path):
 
 @pytest.mark.slow
 def test_evaluation_job_generates_scores_reports_and_resumes(
-    train_shards, tiny_zoedepth, tmp_path, ray_local
+    train_shards, tiny_zoedepth, tmp_path, ray_local, capsys
 ):
     import mlflow
 
@@ -108,7 +108,14 @@ def test_evaluation_job_generates_scores_reports_and_resumes(
         "actors=2",
     ):
         argv += ["--set", s]
-    first = main(argv)
+    def evaluate(argv):  # the job's library call (the entry point exits 1 while samples fail)
+        from mvcustom.configs import EvaluateConfig, load_config
+        from pipelines.evaluate import run_evaluate
+
+        return run_evaluate(load_config(EvaluateConfig, argv[1], argv[3::2]))
+
+    first = evaluate(argv)
+    assert not first["complete"] and first["lost"] == 0
     assert first["samples"] == 4 and first["scored"] == 2 and first["failed"] == 2
     assert first["generated_now"] == 2 and first["samples_per_min"] > 0
     # the ghost subject failed with a reason naming it; the others went on
@@ -137,15 +144,34 @@ def test_evaluation_job_generates_scores_reports_and_resumes(
     assert {"results.parquet", "aggregate.csv", "report", "samples", "results_table.json"} <= arts
 
     # rerun: the scored samples are skipped, the failed ones tried again
-    second = main(argv)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 1
+    assert "evaluation INCOMPLETE: 2 of 4" in capsys.readouterr().err
+    second = evaluate(argv)
     assert second["skipped_already_scored"] == 2 and second["generated_now"] == 0 and second["failed"] == 2
     # a generated but unscored sample is scored without generating it again
     (sample / "result.json").unlink()
     before = (sample / "frame_000.png").stat().st_mtime_ns
-    third = main(argv)
+    third = evaluate(argv)
     assert third["scored_only"] == 1 and third["skipped_already_scored"] == 1 and third["scored"] == 2
     assert (sample / "frame_000.png").stat().st_mtime_ns == before
     again = json.loads((sample / "result.json").read_text())
     assert again["multiview_consistency"] == pytest.approx(
         ok[ok.sample_id == sample.name].multiview_consistency.iloc[0]
     )
+
+    # a truncated result.json (a writer killed mid-write) is redone, not a crash
+    (sample / "result.json").write_text('{"sample_id": "teddy-mvc')
+    fourth = evaluate(argv)
+    assert fourth["scored_only"] == 1 and fourth["scored"] == 2
+    assert json.loads((sample / "result.json").read_text())["status"] == "scored"
+    assert not list((tmp_path / "eval").rglob("*.tmp-*")), "atomic writes leave no temporaries"
+
+    # another model (or other sampling) into the same output is refused before anything runs
+    other = MVCustomModel.tiny(MVCustomConfig(subject_tokens=["<sks>"], subject_init_words=["toy"]), seed=1)
+    other.save_pretrained(str(tmp_path / "model2"))
+    with pytest.raises(ValueError, match="model.*new output"):
+        evaluate([*argv, "--set", f"model={tmp_path / 'model2'}"])
+    with pytest.raises(ValueError, match="sampling.num_inference_steps"):
+        evaluate([*argv, "--set", "sampling.num_inference_steps=3"])

@@ -56,7 +56,10 @@ def test_round_trip_through_a_tar(tmp_path):
 
 def test_keys():
     assert make_key("webvid", "1053841541", 3) == "webvid-1053841541-0003"
-    assert make_key("co3d", "a b/c.d", 0) == "co3d-a_b_c_d-0000"
+    assert make_key("co3d", "a b/c.d", 0).startswith("co3d-a_b_c_d_")
+    assert make_key("co3d", "106_12648_23157", 0) == "co3d-106_12648_23157-0000"  # clean ids unchanged
+    # injective: ids that differ only in replaced characters keep different keys
+    assert len({make_key("co3d", s, 0) for s in ("a.b", "a_b", "a b", "a/b")}) == 4
     with pytest.raises(ValueError, match="unknown source"):
         make_key("youtube", "x", 0)
 

@@ -184,6 +184,9 @@ class PreprocessConfig:
         jpeg_quality: quality of the stored frames.
         estimate_depth: run ZoeDepth (WebVid and photos need it for depth; CO3D per ``co3d.depth``).
         estimate_poses: run SfM (WebVid; photos always; CO3D has annotated cameras).
+        lock_ttl_s: a run holds ``<output>/_lock.json`` and renews it every ``lock_ttl_s / 4``;
+            a second run on the same output is refused unless the lock's owner died (same host)
+            or stopped renewing it for this long (another host).
     """
 
     PRESETS = ("debug",)
@@ -196,6 +199,7 @@ class PreprocessConfig:
     jpeg_quality: int = 95
     estimate_depth: bool = True
     estimate_poses: bool = True
+    lock_ttl_s: float = 120.0
     clip: ClipConfig = field(default_factory=ClipConfig)
     co3d: Co3dInputConfig = field(default_factory=Co3dInputConfig)
     webvid: WebVidInputConfig = field(default_factory=WebVidInputConfig)
@@ -208,6 +212,7 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         check(self.samples_per_shard >= 1, "samples_per_shard must be >= 1")
         check(1 <= self.jpeg_quality <= 100, "jpeg_quality must be in [1, 100]")
+        check(self.lock_ttl_s >= 4, "lock_ttl_s must be >= 4 seconds")
         check(
             all(c.isalnum() or c in "_-" for c in self.split) and self.split != "",
             f"split {self.split!r} may only use [A-Za-z0-9_-]",

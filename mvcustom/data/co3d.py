@@ -27,6 +27,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,7 +250,8 @@ def read_jgz(path: str) -> Any:
             return json.loads(g.read().decode("utf8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: annotation file not found") from None
-    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (gzip.BadGzipFile, EOFError, UnicodeDecodeError, json.JSONDecodeError, zlib.error) as e:
+        # only content errors: a storage timeout (an OSError too) propagates as itself
         raise ValueError(f"{path}: not a valid gzip-compressed JSON file ({e})") from None
 
 

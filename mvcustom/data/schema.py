@@ -25,6 +25,7 @@ with characters limited to ``[A-Za-z0-9_-]``: no dots (they would split the memb
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -40,14 +41,18 @@ FRAME_RE = re.compile(r"^frame_(\d{3,})\.jpg$")
 
 
 def make_key(source: str, sequence: str, clip: int) -> str:
-    """``{source}-{sequence}-{clip:04d}``; characters outside ``[A-Za-z0-9_-]`` become ``_``."""
+    """``{source}-{sequence}-{clip:04d}``, injective: characters outside ``[A-Za-z0-9_-]`` become
+    ``_`` and, when any did, 8 hex digits of the original id's SHA-1 follow (``a.b`` ->
+    ``a_b_1f2e...``), so ``a.b`` and ``a_b`` never share a key. Clean ids stay as they are."""
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
     if clip < 0:
         raise ValueError(f"clip index must be >= 0, got {clip}")
-    seq = re.sub(r"[^A-Za-z0-9_-]", "_", str(sequence))
-    if not seq:
+    if not str(sequence):
         raise ValueError("sequence id must not be empty")
+    seq = re.sub(r"[^A-Za-z0-9_-]", "_", str(sequence))
+    if seq != str(sequence):
+        seq = f"{seq}_{hashlib.sha1(str(sequence).encode('utf8')).hexdigest()[:8]}"
     return f"{source}-{seq}-{clip:04d}"
 
 
