@@ -16,37 +16,9 @@ persists the unit ends as failed and the job exits non-zero naming it (rerun = r
 
 from __future__ import annotations
 
-import errno
+from mvcustom.data.storage import is_transient
 
-# errnos that say "the system, not the file": I/O errors, timeouts, resets, no memory/space.
-_TRANSIENT_ERRNOS = {
-    errno.EIO,
-    errno.EAGAIN,
-    errno.EBUSY,
-    errno.EINTR,
-    errno.ENOMEM,
-    errno.ENOSPC,
-    errno.ETIMEDOUT,
-    errno.ECONNRESET,
-    errno.ECONNREFUSED,
-    errno.ECONNABORTED,
-    errno.ENETDOWN,
-    errno.ENETUNREACH,
-    errno.EHOSTUNREACH,
-    errno.EPIPE,
-    errno.ESTALE,
-}
-# client libraries of the object stores fsspec reaches: their own exceptions are about the
-# connection or the credentials, never about the content of a record
-_TRANSIENT_MODULES = (
-    "botocore",
-    "aiobotocore",
-    "aiohttp",
-    "urllib3",
-    "requests",
-    "google.auth",
-    "google.api_core",
-)
+__all__ = ["RecordError", "ShardFailedError", "TransientError", "as_error_row", "is_transient"]
 
 
 class RecordError(Exception):
@@ -60,34 +32,12 @@ class RecordError(Exception):
 class TransientError(Exception):
     """An environmental fault met while handling a record (the cause is chained): retry the unit."""
 
+    transient = True  # what mvcustom.data.storage.is_transient looks for
+
 
 class ShardFailedError(Exception):
     """A work unit whose environmental fault outlasted its retries (``ray.task_retries``): not
     retried again in this run; the job ends non-zero naming it, and a rerun resumes it."""
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` is the environment's fault (retry) rather than the record's (error row).
-
-    Transient: timeouts, connection errors, ``MemoryError``, ``PermissionError`` (expired or
-    missing credentials look like this through s3fs/gcsfs), ``OSError`` with an I/O, network,
-    memory or space errno, and the object-store clients' own exceptions. Not transient: a
-    missing file (``FileNotFoundError``), corrupt content (decoders' errors, ``ValueError``).
-    """
-    seen = set()
-    while exc is not None and id(exc) not in seen:  # look through wrappers (PyAV, fsspec, Ray)
-        seen.add(id(exc))
-        if isinstance(exc, TransientError | MemoryError | TimeoutError | ConnectionError | PermissionError):
-            return True
-        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | IsADirectoryError):
-            if exc.errno in _TRANSIENT_ERRNOS:
-                return True
-        if type(exc).__module__.startswith(_TRANSIENT_MODULES):
-            return True
-        # the explicit cause, else the exception being handled (unless `raise ... from None`
-        # said the wrapper stands on its own)
-        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
-    return False
 
 
 # errors that describe a record's content; anything else (a bug, an environmental fault) fails

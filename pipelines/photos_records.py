@@ -32,6 +32,7 @@ from PIL import Image, ImageOps
 
 from mvcustom.configs.preprocess import PreprocessConfig
 from mvcustom.data.schema import ClipSample, make_key
+from mvcustom.data.storage import read_bytes
 from mvcustom.geometry import Cameras, center_crop_box
 from pipelines.co3d_records import normalize_scene
 from pipelines.errors import RecordError, TransientError, is_transient
@@ -91,8 +92,7 @@ def list_photo_items(
 
 def load_photo(url: str, height: int, width: int) -> np.ndarray:
     """A photo upright (EXIF orientation applied), centre-cropped to ``width/height`` and resized."""
-    with fsspec.open(url, "rb") as f:
-        im = ImageOps.exif_transpose(Image.open(io.BytesIO(f.read()))).convert("RGB")
+    im = ImageOps.exif_transpose(Image.open(io.BytesIO(read_bytes(url)))).convert("RGB")
     x0, y0, cw, ch = center_crop_box(im.height, im.width, height, width)
     return np.asarray(im.crop((x0, y0, x0 + cw, y0 + ch)).resize((width, height), Image.BICUBIC))
 

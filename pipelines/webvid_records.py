@@ -30,6 +30,7 @@ from PIL import Image
 
 from mvcustom.configs.preprocess import PreprocessConfig, WebVidInputConfig
 from mvcustom.data.schema import ClipSample, make_key
+from mvcustom.data.storage import read_bytes
 from mvcustom.geometry import Cameras, center_crop_box, rotation_angle_deg
 from pipelines.errors import RecordError, TransientError, is_transient
 
@@ -82,8 +83,7 @@ def list_webvid_items(root: str, cfg: WebVidInputConfig) -> tuple[list[WebVidIte
     for path in csvs:
         name = path.rsplit("/", 1)[-1]
         try:
-            with fs.open(path, "rb") as f:
-                raw = f.read()
+            raw = read_bytes(f"{proto}{path}" if proto and not path.startswith(proto) else path)
         except Exception as e:
             if is_transient(e):
                 raise TransientError(f"reading {path}: {type(e).__name__}: {e}") from e
@@ -149,8 +149,8 @@ def decode_frames(url: str, num_frames: int, target_fps: float | None) -> tuple[
     """
     import av
 
-    try:
-        f = fsspec.open(url, "rb").open()
+    try:  # whole clip into memory: storage reads retry their transient faults (read_bytes)
+        f = io.BytesIO(read_bytes(url))
     except FileNotFoundError:
         raise RecordError("read", f"video not found: {url}") from None
     except Exception as e:

@@ -108,6 +108,7 @@ def test_evaluation_job_generates_scores_reports_and_resumes(
         "actors=2",
     ):
         argv += ["--set", s]
+
     def evaluate(argv):  # the job's library call (the entry point exits 1 while samples fail)
         from mvcustom.configs import EvaluateConfig, load_config
         from pipelines.evaluate import run_evaluate

@@ -35,6 +35,8 @@ import fsspec
 import numpy as np
 from PIL import Image
 
+from mvcustom.data.storage import read_bytes
+
 SUBSET_NAMES = ("fewview_dev", "fewview_test", "manyview_dev_0", "manyview_dev_1", "manyview_test_0")
 
 
@@ -246,10 +248,11 @@ def parse_sequence_annotation(d: dict, source: str, index: int) -> SequenceAnnot
 def read_jgz(path: str) -> Any:
     """Read a gzip-compressed JSON file (``.jgz``) through fsspec, with a clear error on corruption."""
     try:
-        with fsspec.open(path, "rb") as f, gzip.GzipFile(fileobj=f) as g:
-            return json.loads(g.read().decode("utf8"))
+        data = read_bytes(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: annotation file not found") from None
+    try:
+        return json.loads(gzip.decompress(data).decode("utf8"))
     except (gzip.BadGzipFile, EOFError, UnicodeDecodeError, json.JSONDecodeError, zlib.error) as e:
         # only content errors: a storage timeout (an OSError too) propagates as itself
         raise ValueError(f"{path}: not a valid gzip-compressed JSON file ({e})") from None
@@ -278,13 +281,12 @@ def load_set_list(root: str, category: str, subset_name: str) -> dict[str, list[
     """``{"train"|"val"|"test": [(sequence_name, frame_number, image_path), ...]}``."""
     path = f"{root.rstrip('/')}/{category}/set_lists/set_lists_{subset_name}.json"
     try:
-        with fsspec.open(path, "r") as f:
-            raw = json.load(f)
+        raw = json.loads(read_bytes(path).decode("utf8"))
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{path}: set list not found (subset {subset_name!r} of category {category!r})"
         ) from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected an object with keys train/val/test")
@@ -318,8 +320,7 @@ def available_subsets(root: str, category: str) -> list[str]:
 # --------------------------------------------------------------------------- decoding
 def _read_bytes(path: str) -> bytes:
     try:
-        with fsspec.open(path, "rb") as f:
-            return f.read()
+        return read_bytes(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: file not found") from None
 
