@@ -502,15 +502,16 @@ def test_fault_drills_kill_the_worker_node_mid_job(cluster, sample_data, tmp_pat
         print("\nfault drill figures:", json.dumps(figures))
 
 
+# the drill repeats DRILL_REPEATS times in one cluster (benchmarks/fault_drills.py runs it 10 times
+# in a row); DRILL_SETS adds job settings (the control: ray.actor_task_retries=3 loses shards)
+_REPEATS = int(os.environ.get("DRILL_REPEATS", "1"))
+_DRILL_SETS = tuple(s for s in os.environ.get("DRILL_SETS", "").split() if s)
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, open: when a node dies under the fused pool, the shards in flight on its actors "
-    "can be counted as errored blocks (ray.max_errored_blocks) and the job exits 0 with them missing "
-    "(8 of 12 clips seen); a rerun completes them",
-)
+@pytest.mark.parametrize("repeat", range(_REPEATS))
 def test_fault_drill_kills_a_node_under_the_fused_shard_workers(
-    cluster, sample_data, tiny_zoedepth, tmp_path, capsys
+    cluster, sample_data, tiny_zoedepth, tmp_path, capsys, repeat
 ):
     """Preprocessing with ZoeDepth on CPU runs as one pool of shard workers (depth.placement
     fused), one per cluster CPU, on both nodes. Kill the worker node while one of its shard
@@ -523,7 +524,13 @@ def test_fault_drill_kills_a_node_under_the_fused_shard_workers(
     # depth.actors=4: one worker per CPU of both nodes, fixed (the default sizes the pool from the
     # CPUs the cluster shows at job start, which missed a node that had only just joined)
     job = _start_drill_preprocess(
-        cluster, sample_data, shards, "co3d.depth=zoedepth", f"depth.model={tiny_zoedepth}", "depth.actors=4"
+        cluster,
+        sample_data,
+        shards,
+        "co3d.depth=zoedepth",
+        f"depth.model={tiny_zoedepth}",
+        "depth.actors=4",
+        *_DRILL_SETS,
     )
     worker_temp, victim = cluster.workers[-1], cluster.worker_id
 
@@ -552,9 +559,18 @@ def test_fault_drill_kills_a_node_under_the_fused_shard_workers(
     # 4 one-CPU workers fill both nodes, so the kill took some of them. How Ray recovered them,
     # and even how many the state API lists (4 in most runs, 2 in one full-suite run), is
     # reported, not asserted; the checks are the outputs above.
+    figures = {
+        "repeat": repeat,
+        "workers": len(workers),
+        "killed_at_s": round(kill_at, 1),
+        "committed_at_kill": committed_at_kill,
+        "restarts": [w["num_restarts"] for w in workers],
+        "done_at_s": round(time.time() - t0, 1),
+    }
     with capsys.disabled():
+        print("\nfused drill figures:", json.dumps(figures))
         print(
-            f"\nfused drill: {len(workers)} shard workers, killed at {kill_at:.1f} s with {committed_at_kill}/12"
+            f"fused drill: {len(workers)} shard workers, killed at {kill_at:.1f} s with {committed_at_kill}/12"
             f" shards committed, restarts {[w['num_restarts'] for w in workers]}, done at {time.time() - t0:.1f} s"
         )
 
