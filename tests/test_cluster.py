@@ -487,14 +487,13 @@ def test_fault_drills_kill_the_worker_node_mid_job(cluster, sample_data, tmp_pat
     resumed = re.findall(r"resumed from \S+ at step (\d+)", stdout)
     assert resumed and {int(s) for s in resumed} <= {2, 4}, stdout[-4000:]  # not from scratch
     figures["train_resumed_at_step"] = int(resumed[-1])
-    # nothing lost, nothing done twice that was saved: the steps after the checkpoint ran
-    # again (the loss history has them twice), the ones before it did not
+    # nothing lost, nothing logged twice: the steps after the checkpoint ran again, but the
+    # restarted rank 0 skips the ones the run already has (same values: the loop is deterministic)
     import mlflow
 
     run_id = re.findall(r'"mlflow_run_id": "(\w+)"', stdout)[-1]
     steps = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(run_id, "loss")]
-    assert sorted(set(steps)) == list(range(1, 7)), steps
-    assert min(s for s in set(steps) if steps.count(s) > 1) > int(resumed[-1]), steps
+    assert sorted(steps) == list(range(1, 7)), steps
     final = Path(latest_checkpoint(str(run))) / "mvcustom_checkpoint.json"
     assert json.loads(final.read_text())["step"] == 6
     assert (run / "export" / "mvcustom_config.json").exists()

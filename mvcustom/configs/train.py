@@ -172,6 +172,10 @@ class TrainDataConfig:
             (``null``: random).
         min_rotation_deg: drop clips whose preprocessing-recorded camera rotation is smaller
             (static shots; 0 keeps everything, clips without the figure are kept).
+        max_bad_samples: samples (or unreadable shard tails) a rank may skip because they are
+            corrupt before the run fails; each skip is printed and counted (MLflow
+            ``data_bad_samples``). 0: fail on the first. A storage timeout is never skipped:
+            it fails the step and Ray Train restarts from the last checkpoint.
     """
 
     shuffle_buffer: int = 64
@@ -180,9 +184,11 @@ class TrainDataConfig:
     prompt_template_customize: str = "a photo of {token} {category}"
     subject_init_word: str | None = None
     min_rotation_deg: float = 0.0
+    max_bad_samples: int = 16
 
     def __post_init__(self) -> None:
         check(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
+        check(self.max_bad_samples >= 0, "data.max_bad_samples must be >= 0")
         check(self.num_references >= 1, "data.num_references must be >= 1")
         check(self.min_rotation_deg >= 0, "data.min_rotation_deg must be >= 0")
 
@@ -205,7 +211,23 @@ class TrainConfig:
         max_failures: worker-group restarts from the latest checkpoint before the job fails
             (Ray Train ``FailureConfig``; -1: unlimited).
         keep_checkpoints: checkpoints kept in storage (the newest ones).
+        resume_allow: config keys that may differ from the checkpoint's when a resubmitted job
+            resumes (``RESUME_KEYS``: world size, batch size, accumulation, shards, max_steps,
+            seed, stage, subject token); any other difference is refused, naming the key.
     """
+
+    # keys whose change between a checkpoint and its resumption would silently change the run:
+    # the data stream is fast-forwarded by (step x accumulation x batch) per rank and world size
+    RESUME_KEYS = (
+        "scaling.num_workers",
+        "batch_size",
+        "optim.grad_accum",
+        "shards",
+        "max_steps",
+        "seed",
+        "stage",
+        "subject_token",
+    )
 
     PRESETS = ("debug", "paper")
 
@@ -222,6 +244,7 @@ class TrainConfig:
     seed: int = 0
     max_failures: int = 2
     keep_checkpoints: int = 3
+    resume_allow: list[str] = field(default_factory=list)
     clip: ClipConfig = field(default_factory=ClipConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
@@ -243,6 +266,8 @@ class TrainConfig:
         )
         check(self.sample_steps >= 1, "sample_steps must be >= 1")
         check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        bad = [k for k in self.resume_allow if k not in self.RESUME_KEYS]
+        check(not bad, f"resume_allow: {bad} are not resume keys; choose from {list(self.RESUME_KEYS)}")
         check(
             self.stage == "backbone" or self.model.featurenerf_blocks or self.subject_token,
             "stage customize needs model.featurenerf_blocks or a subject_token",

@@ -35,14 +35,54 @@ def rank_shards(shards: list[str], epoch: int, seed: int, rank: int, world: int)
     return order, True
 
 
+class BadSamples:
+    """Counts corrupt samples skipped by one rank and fails the run past ``limit`` (the
+    ``handler`` of WebDataset's tar reading, and the guard around decoding). A storage fault
+    (:func:`mvcustom.data.storage.is_transient`) is never skipped: it propagates, the step fails
+    and Ray Train restarts from the last checkpoint, so no data is skipped for a flaky network."""
+
+    def __init__(self, limit: int, rank: int, stats: dict | None = None):
+        self.limit, self.rank = limit, rank
+        self.stats = stats if stats is not None else {}
+        self.stats.setdefault("bad_samples", 0)
+
+    def __call__(self, exn: BaseException) -> bool:
+        from mvcustom.data.storage import is_transient
+
+        if is_transient(exn):
+            raise exn
+        self.stats["bad_samples"] += 1
+        n = self.stats["bad_samples"]
+        if n > self.limit:
+            raise RuntimeError(
+                f"rank {self.rank}: {n} corrupt training samples, more than data.max_bad_samples={self.limit}; "
+                f"the last: {type(exn).__name__}: {exn}. Re-run preprocessing for the shards named above, "
+                "or raise data.max_bad_samples"
+            ) from exn
+        print(
+            f"[rank {self.rank}] skipped a corrupt sample ({n}/{self.limit}): {type(exn).__name__}: {exn}",
+            flush=True,
+        )
+        return True  # WebDataset: continue with the next sample
+
+
 def sample_stream(
-    shards: list[str] | str, seed: int, rank: int, world: int, shuffle_buffer: int = 64
+    shards: list[str] | str,
+    seed: int,
+    rank: int,
+    world: int,
+    shuffle_buffer: int = 64,
+    max_bad_samples: int = 16,
+    stats: dict | None = None,
 ) -> Iterator[dict]:
-    """Endless stream of decoded samples for one rank (see the module docstring)."""
+    """Endless stream of decoded samples for one rank (see the module docstring). Corrupt
+    samples and unreadable shard tails are skipped and counted in ``stats["bad_samples"]``, at
+    most ``max_bad_samples`` per rank (:class:`BadSamples`)."""
     import webdataset as wds
 
     _register_fsspec_schemes()
     urls = expand_shards(shards)
+    bad = BadSamples(max_bad_samples, rank, stats)
     epoch = 0
     while True:
         mine, by_index = rank_shards(urls, epoch, seed, rank, world)
@@ -55,6 +95,7 @@ def sample_stream(
             workersplitter=None,
             empty_check=False,
             select_files=check_member_name,
+            handler=bad,
         )
         yielded = False
         for i, raw in enumerate(ds):
@@ -62,17 +103,31 @@ def sample_stream(
                 continue
             buffer.append(raw)
             if len(buffer) >= max(shuffle_buffer, 1):
-                yielded = True
-                yield to_tensors(buffer.pop(rng.randrange(len(buffer))))
+                sample = _decode(buffer.pop(rng.randrange(len(buffer))), bad)
+                if sample is not None:
+                    yielded = True
+                    yield sample
         rng.shuffle(buffer)
         for raw in buffer:
-            yielded = True
-            yield to_tensors(raw)
+            sample = _decode(raw, bad)
+            if sample is not None:
+                yielded = True
+                yield sample
         if not yielded:
             raise ValueError(
                 f"rank {rank} of {world} got no samples from {len(urls)} shards in epoch {epoch}"
             )
         epoch += 1
+
+
+def _decode(raw: dict, bad: BadSamples) -> dict | None:
+    try:
+        return to_tensors(raw)
+    except Exception as e:  # a corrupt member (npy, JPEG, JSON): skipped and counted, or fatal
+        err = RuntimeError(f"sample {raw.get('__key__')} of {raw.get('__url__')}: {type(e).__name__}: {e}")
+        err.__cause__ = e
+        bad(err)
+        return None
 
 
 def select_frames(num_available: int, num: int, rng: random.Random) -> list[int]:
@@ -177,6 +232,8 @@ def batch_stream(
     subject_token: str = "",
     prompt_template: str = "{caption}",
     min_rotation_deg: float = 0.0,
+    max_bad_samples: int = 16,
+    stats: dict | None = None,
 ) -> Iterator[dict]:
     """Endless micro-batches for one rank; ``skip_batches`` fast-forwards a resumed run.
 
@@ -186,7 +243,7 @@ def batch_stream(
     rng = random.Random(f"frames-{seed}-{rank}")
     batch: list[dict] = []
     produced = 0
-    for sample in sample_stream(shards, seed, rank, world, shuffle_buffer):
+    for sample in sample_stream(shards, seed, rank, world, shuffle_buffer, max_bad_samples, stats):
         motion = (sample.get("meta") or {}).get("camera_motion") or {}
         if min_rotation_deg > 0 and motion.get("max_rotation_deg", float("inf")) < min_rotation_deg:
             continue

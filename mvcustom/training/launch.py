@@ -5,7 +5,10 @@ checkpoint of an earlier run of the same job (so resubmitting a stopped job resu
 runs :func:`mvcustom.training.loop.train_loop` on ``scaling.num_workers`` Ray Train workers with
 a ``FailureConfig`` (a dead worker restarts the group from the last reported checkpoint).
 Checkpoints live in ``<output>/train/checkpoint_*`` (any fsspec URL Ray's storage accepts); the
-final weights in ``<output>/export``.
+final weights in ``<output>/export``. A resubmission resumes from the newest checkpoint that every
+rank's files reached (:func:`checkpoint_complete`), and refuses changed run-defining settings
+(:func:`check_resume`). A non-finite loss fails the job (``FloatingPointError``) with nothing
+checkpointed or exported after it.
 """
 
 from __future__ import annotations
@@ -24,28 +27,84 @@ def _storage(output: str) -> str:
     return output if "://" in output else os.path.abspath(output)
 
 
+def checkpoint_complete(fs, folder: str) -> tuple[dict | None, str]:
+    """``(marker, "")`` when ``folder`` holds a whole checkpoint, else ``(None, why not)``.
+
+    Whole: rank 0's marker parses, and for each of its ``world_size`` ranks the rank manifest
+    is there and every file it lists exists with the listed size (Ray Train copies each rank's
+    folder into storage on its own; a job killed mid-copy leaves some ranks' ZeRO shards out).
+    A marker without ``world_size`` (written before rank manifests existed) counts as whole.
+    """
+    from mvcustom.training.loop import RANK_MANIFEST
+
+    try:
+        with fs.open(f"{folder}/{MARKER}") as f:
+            marker = json.load(f)
+        step = int(marker["step"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None, "no complete marker (still being copied, or torn)"
+    if "world_size" not in marker:
+        return marker, ""
+    sizes = {p[len(folder) :].lstrip("/"): d.get("size") for p, d in fs.find(folder, detail=True).items()}
+    for rank in range(int(marker["world_size"])):
+        name = RANK_MANIFEST.format(rank=rank)
+        if name not in sizes:
+            return None, f"step {step}: rank {rank}'s files never arrived ({name} missing)"
+        with fs.open(f"{folder}/{name}") as f:
+            listed = json.load(f)["files"]
+        for rel, size in listed.items():
+            if sizes.get(rel) != size:
+                return None, f"step {step}: rank {rank}'s {rel} is missing or incomplete"
+    return marker, ""
+
+
 def latest_checkpoint(output: str) -> str | None:
-    """The newest complete checkpoint of ``<output>/train`` (by recorded step), or ``None``."""
+    """The newest complete checkpoint of ``<output>/train`` (by recorded step), or ``None``;
+    incomplete ones are skipped with a line saying why (:func:`checkpoint_complete`)."""
     import fsspec
 
     root = _storage(output).rstrip("/") + f"/{RUN_NAME}"
     fs, base = fsspec.core.url_to_fs(root)
+    fs.invalidate_cache(base)
     if not fs.exists(base):
         return None
     best: tuple[int, str] | None = None
-    for marker in fs.glob(f"{base}/checkpoint_*/{MARKER}"):
-        try:
-            with fs.open(marker) as f:
-                step = int(json.load(f)["step"])
-        except (ValueError, KeyError, TypeError):
-            continue  # a marker still being copied into storage (or torn by a crash): not complete
-        folder = marker.rsplit("/", 1)[0]
+    for marker_path in fs.glob(f"{base}/checkpoint_*/{MARKER}"):
+        folder = marker_path.rsplit("/", 1)[0]
+        marker, why = checkpoint_complete(fs, folder)
+        if marker is None:
+            print(f"[train] skipping checkpoint {folder}: {why}", flush=True)
+            continue
+        step = int(marker["step"])
         if best is None or step > best[0]:
             best = (step, folder)
     if best is None:
         return None
     proto = root.split("://", 1)[0] + "://" if "://" in root else ""
     return proto + best[1] if proto and not best[1].startswith(proto) else best[1]
+
+
+def check_resume(cfg, checkpoint: str) -> None:
+    """Refuse to resume ``checkpoint`` with settings that would silently change the run (the
+    data stream is fast-forwarded by step x accumulation x batch per rank and world size):
+    every key of ``TrainConfig.RESUME_KEYS`` must match the checkpoint's, unless listed in
+    ``cfg.resume_allow``."""
+    import fsspec
+
+    from mvcustom.configs.base import flatten
+
+    with fsspec.open(f"{checkpoint.rstrip('/')}/{MARKER}") as f:
+        saved = flatten(json.load(f).get("config") or {})
+    now = flatten(to_dict(cfg))
+    changed = [
+        k for k in cfg.RESUME_KEYS if k in saved and k not in cfg.resume_allow and saved[k] != now.get(k)
+    ]
+    if changed:
+        what = "; ".join(f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in changed)
+        raise ValueError(
+            f"cannot resume {checkpoint} with changed settings ({what}). Restore them, write to a new output, "
+            f"or allow the change explicitly: --set resume_allow=[{','.join(changed)}]"
+        )
 
 
 def resolve_paths(cfg):
@@ -93,6 +152,8 @@ def run_training(cfg) -> dict:
         raise ValueError("shards must list the training shards (URLs, folders or globs)")
     cfg = resolve_paths(cfg)
     resume = latest_checkpoint(cfg.output)
+    if resume:
+        check_resume(cfg, resume)
     run_id = start_run(cfg)
     init_ray(cfg.ray)
     sc = cfg.scaling
@@ -126,8 +187,13 @@ def run_training(cfg) -> dict:
     except BaseException:
         end_run(cfg, run_id, "FAILED")
         raise
-    end_run(cfg, run_id)
     metrics = dict(result.metrics or {})
+    if metrics.get("nonfinite_loss_step"):
+        end_run(cfg, run_id, "FAILED")
+        raise FloatingPointError(
+            metrics.get("error") or f"non-finite loss at step {metrics['nonfinite_loss_step']}"
+        )
+    end_run(cfg, run_id)
     return {
         "resumed_from": resume,
         "mlflow_run_id": run_id,
@@ -147,5 +213,8 @@ def run_local(cfg, resume_from: str | None = None, track: bool = False) -> dict:
     ctx = LocalContext(cfg.output, resume_from, use_gpu=cfg.scaling.use_gpu)
     tracker = Tracker(tracking_uri(cfg.mlflow), run_id) if run_id else None
     out = train_loop(cfg, ctx, tracker)
+    if out.get("nonfinite_loss_step"):
+        end_run(cfg, run_id, "FAILED")
+        raise FloatingPointError(out["error"])
     end_run(cfg, run_id)
     return {**out, "reports": ctx.reports, "mlflow_run_id": run_id}

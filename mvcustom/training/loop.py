@@ -4,7 +4,9 @@ Per optimizer step: the STT radius of the schedule, ``grad_accum`` micro-batches
 DeepSpeed engine, then (rank 0) loss / lr / samples per second / data-wait fraction to MLflow.
 Every ``sample_every`` steps all ranks sample a clip (ZeRO-3 gathers collectively) and rank 0
 logs the grid; every ``checkpoint_every`` steps (and at the end) each rank writes its ZeRO shard
-with ``engine.save_checkpoint`` and reports the folder (Ray Train merges the ranks' folders).
+with ``engine.save_checkpoint``, lists its files in a rank manifest and reports the folder (Ray
+Train merges the ranks' folders; a checkpoint counts once every rank's manifest and files are
+there). A non-finite loss stops the run before anything after it is checkpointed or exported.
 
 Determinism: the model is built from the seed on every rank; each micro-step's noise, timesteps
 and stratified ray samples come from a seed of ``(seed, rank, step, micro)``; the data stream is a
@@ -15,6 +17,7 @@ run continues exactly as an uninterrupted one (tested).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -32,6 +35,24 @@ from mvcustom.training.safe_load import harden_checkpoint_loading
 
 CHECKPOINT_TAG = "zero"
 MARKER = "mvcustom_checkpoint.json"
+RANK_MANIFEST = "mvcustom_rank_{rank:05d}.json"
+
+
+def write_rank_manifest(folder: str, rank: int) -> None:
+    """Record the files (and sizes) this rank contributes to a checkpoint, written last into its
+    folder: a checkpoint in storage is complete only when every rank's manifest is there and
+    every file it lists has its size (:func:`mvcustom.training.launch.checkpoint_complete`).
+    Ray Train copies each rank's folder separately, so rank 0's marker alone proves nothing
+    about the other ranks' ZeRO shards."""
+    files = {}
+    for dirpath, _, names in os.walk(folder):
+        for n in names:
+            path = os.path.join(dirpath, n)
+            rel = os.path.relpath(path, folder)
+            if rel != MARKER and not rel.startswith("mvcustom_rank_"):
+                files[rel] = os.path.getsize(path)
+    with open(os.path.join(folder, RANK_MANIFEST.format(rank=rank)), "w") as f:
+        json.dump({"rank": rank, "files": files}, f)
 
 
 def _seed(seed: int, rank: int, step: int, micro: int) -> int:
@@ -123,6 +144,8 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
         start = int(client["step"])
         print(f"[rank {ctx.rank}] resumed from {resume} at step {start}", flush=True)
     accum = cfg.optim.grad_accum
+    data_stats = {"bad_samples": 0}
+    last_checkpoint = start
     batches = batch_stream(
         cfg.shards,
         cfg.stage,
@@ -139,6 +162,8 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
         subject_token=cfg.subject_token,
         prompt_template=cfg.data.prompt_template_customize if customize else cfg.data.prompt_template,
         min_rotation_deg=cfg.data.min_rotation_deg,
+        max_bad_samples=cfg.data.max_bad_samples,
+        stats=data_stats,
     )
     figures: dict = {}
     state_mib: float | None = None  # optimizer state exists (and stays this size) after step 1
@@ -164,18 +189,41 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
         elapsed = time.perf_counter() - t_step
         mean_loss = torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
         torch.distributed.all_reduce(mean_loss)
-        history.append(float(mean_loss) / ctx.world_size)
+        step_loss = float(mean_loss) / ctx.world_size
+        if not math.isfinite(step_loss):
+            # every rank sees the same all-reduced loss, so all stop here together; returning
+            # (not raising) keeps Ray Train from restarting into the same divergence, and the
+            # launcher fails the job with this message. Nothing after it is checkpointed/exported.
+            error = (
+                f"non-finite loss ({step_loss}) at step {step + 1}: training stopped; the last checkpoint "
+                f"is step {last_checkpoint} and nothing after it was checkpointed or exported. Lower "
+                f"optim.lr (now {cfg.optim.lr:g}) or check the data, then resubmit (it resumes from step "
+                f"{last_checkpoint})"
+            )
+            print(f"[rank {ctx.rank}] {error}", flush=True)
+            ctx.report({"step": step + 1, "nonfinite_loss_step": step + 1, "error": error})
+            for h in held:
+                h.cleanup()
+            return {
+                "step": step + 1,
+                "nonfinite_loss_step": step + 1,
+                "error": error,
+                "history": history,
+                "export": None,
+            }
+        history.append(step_loss)
         if state_mib is None:
             state_mib = optimizer_state_bytes(engine) / 2**20
         figures = {
             "step": step + 1,
-            "loss": float(mean_loss) / ctx.world_size,
+            "loss": step_loss,
             "lr": float(engine.get_lr()[0]),
             "stt_radius": radius,
             "samples_per_s": ctx.world_size * cfg.batch_size * accum / elapsed,
             "data_wait_fraction": wait / elapsed,
             "optimizer_state_mib": state_mib,
             "peak_memory_mib": peak_memory_mib(ctx.device),
+            "data_bad_samples": data_stats["bad_samples"],
             **{f"rank0_{k}": v for k, v in parts.items() if k != "loss"},
         }
         if tracker is not None and ctx.is_main:
@@ -188,12 +236,21 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
         if (step + 1) % cfg.checkpoint_every == 0 or last:
             with tempfile.TemporaryDirectory(prefix="mvcustom-ckpt-") as d:
                 engine.save_checkpoint(d, tag=CHECKPOINT_TAG, client_state={"step": step + 1})
+                write_rank_manifest(d, ctx.rank)
                 if ctx.is_main:
+                    marker = {
+                        "step": step + 1,
+                        "stage": cfg.stage,
+                        "world_size": ctx.world_size,
+                        "config": to_dict(cfg),
+                    }
                     with open(os.path.join(d, MARKER), "w") as f:
-                        json.dump(
-                            {"step": step + 1, "stage": cfg.stage, "config": to_dict(cfg)}, f, default=list
-                        )
+                        json.dump(marker, f, default=list)
                 ctx.report(figures, d)
+            last_checkpoint = step + 1
+    flush = getattr(tracker, "flush", None) if ctx.is_main else None
+    if flush is not None and not flush(force=True):
+        print(f"[rank 0] MLflow still unreachable: {len(tracker.pending)} metric points not logged", flush=True)
     export = export_model(engine, model, params, cfg, ctx)
     if export and tracker is not None:
         tracker.log_artifacts(export, "export")

@@ -73,35 +73,125 @@ def end_run(cfg, run_id: str | None, status: str = "FINISHED") -> None:
         return
     import mlflow
 
-    mlflow.MlflowClient(tracking_uri(cfg.mlflow)).set_terminated(run_id, status)
+    try:
+        mlflow.MlflowClient(tracking_uri(cfg.mlflow)).set_terminated(run_id, status)
+    except Exception as e:  # the job's outcome stands; the run stays RUNNING in the UI
+        print(f"[mlflow] could not mark run {run_id} {status}: {type(e).__name__}: {e}", flush=True)
 
 
 class Tracker:
-    """Rank 0's handle on the job's run (metrics, image grids, artifact folders)."""
+    """Rank 0's handle on the job's run (metrics, image grids, artifact folders).
 
-    def __init__(self, uri: str, run_id: str):
+    * **Each step once**: a restarted worker group re-runs the steps after its checkpoint; they
+      were logged before the failure (with the same values: the loop is deterministic), so
+      steps up to the highest one already in the run's ``loss`` history are not logged again.
+    * **An MLflow outage never stops training**: MLflow's own client retries are kept short
+      (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``/``_TIMEOUT``, unless set), a failed write is kept in a
+      buffer (at most ``max_buffered`` points; older ones are dropped and counted) and retried
+      every ``retry_every_s``; when the server is back, the buffered points go in with their
+      own steps and timestamps and the run gets a ``mvcustom.tracking_gaps`` tag (steps, seconds,
+      points dropped, the error).
+    """
+
+    def __init__(self, uri: str, run_id: str, retry_every_s: float = 10.0, max_buffered: int = 100_000):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         import mlflow
 
         self.client = mlflow.MlflowClient(uri)
         self.run_id = run_id
+        self.retry_every_s, self.max_buffered = retry_every_s, max_buffered
+        self.pending: list = []  # mlflow Metric entities not yet written
+        self.gaps: list[dict] = []  # outages seen by this process
+        self._gap: dict | None = None
+        self._next_try = 0.0
+        self._logged_up_to: int | None = None
+
+    def _already_logged(self) -> int:
+        if self._logged_up_to is None:
+            try:
+                history = self.client.get_metric_history(self.run_id, "loss")
+                self._logged_up_to = max((m.step for m in history), default=0)
+            except Exception as e:  # the server is down right now: assume nothing was logged
+                print(
+                    f"[mlflow] cannot read the run's history ({type(e).__name__}); steps may repeat",
+                    flush=True,
+                )
+                self._logged_up_to = 0
+        return self._logged_up_to
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         import time
 
         from mlflow.entities import Metric
 
+        if step <= self._already_logged():
+            return  # logged before a restart from an earlier checkpoint
         now = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
-        )
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if len(self.pending) > self.max_buffered:
+            drop = len(self.pending) - self.max_buffered
+            self.pending = self.pending[drop:]
+            if self._gap is not None:
+                self._gap["points_dropped"] += drop
+        self.flush(step)
+
+    def flush(self, step: int | None = None, force: bool = False) -> bool:
+        """Write the buffered points; ``False`` (and they stay buffered) if MLflow is down."""
+        import time
+
+        if not self.pending:
+            return True
+        if not force and time.time() < self._next_try:
+            return False
+        try:
+            for i in range(0, len(self.pending), 1000):  # MLflow's batch limit
+                self.client.log_batch(self.run_id, metrics=self.pending[i : i + 1000])
+        except Exception as e:
+            self._next_try = time.time() + self.retry_every_s
+            if self._gap is None:
+                first = min(m.step for m in self.pending)
+                self._gap = {
+                    "from_step": first,
+                    "since": time.time(),
+                    "points_dropped": 0,
+                    "error": f"{type(e).__name__}: {e}"[:300],
+                }
+                print(
+                    f"[mlflow] tracking unavailable from step {first} ({self._gap['error']}); buffering, training goes on",
+                    flush=True,
+                )
+            self._gap["to_step"] = step if step is not None else self._gap.get("to_step")
+            return False
+        self.pending = []
+        if self._gap is not None:
+            gap = {**self._gap, "seconds": round(time.time() - self._gap.pop("since"), 1)}
+            self.gaps.append(gap)
+            self._gap = None
+            print(
+                f"[mlflow] tracking back; buffered steps {gap['from_step']}..{gap.get('to_step')} written",
+                flush=True,
+            )
+            try:
+                self.client.set_tag(self.run_id, "mvcustom.tracking_gaps", json.dumps(self.gaps))
+            except Exception:
+                pass  # recorded on the next gap's close or left in the console
+        return True
 
     def log_image(self, image, name: str) -> None:
-        self.client.log_image(self.run_id, image, name)
+        try:
+            self.client.log_image(self.run_id, image, name)
+        except Exception as e:  # a sample grid is not worth stopping training for
+            print(f"[mlflow] sample grid {name} not logged: {type(e).__name__}: {e}", flush=True)
 
     def log_artifacts(self, local_dir: str, name: str) -> None:
         with open(os.path.join(local_dir, RUN_FILE), "w") as f:
             json.dump({"run_id": self.run_id}, f)
-        self.client.log_artifacts(self.run_id, local_dir, name)
+        self.flush(force=True)
+        try:
+            self.client.log_artifacts(self.run_id, local_dir, name)
+        except Exception as e:  # the export is in <output>/export either way
+            print(f"[mlflow] artifacts {name} not logged: {type(e).__name__}: {e}", flush=True)
 
     def record_in_export(self, export: str) -> None:
         """Write ``training_run.json`` into the export so stage 2 can tag its parent."""
