@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TEST = "tests/test_cluster.py::test_fault_drill_kills_a_node_under_the_fused_shard_workers"
 
 
-def run(repeats: int, control: bool) -> dict:
+def run(repeats: int, control: bool, log: str | None = None) -> dict:
     env = {**os.environ, "DRILL_REPEATS": str(repeats)}
     if control:
         env["DRILL_SETS"] = "ray.actor_task_retries=3"
@@ -43,6 +43,9 @@ def run(repeats: int, control: bool) -> dict:
         text=True,
     )
     out = proc.stdout + proc.stderr
+    if log:
+        Path(log).write_text(out)
+    errors = sorted(set(re.findall(r"\b(ray\.exceptions\.\w+|\w+Error): ", out)))
     figures = [json.loads(m) for m in re.findall(r"fused drill figures: (\{.*\})", out)]
     passed = re.search(r"(\d+) passed", out)
     failed = re.search(r"(\d+) failed", out)
@@ -56,6 +59,7 @@ def run(repeats: int, control: bool) -> dict:
         "pytest_exit": proc.returncode,
         "per_repeat": figures,
         "first_failure_lines": failures[:8],
+        "error_types_seen": errors,
         "wall_s": round(time.time() - t0, 1),
     }
 
@@ -65,8 +69,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--control", action="store_true", help="with the old ray.actor_task_retries=3")
     ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--log", help="write pytest's whole output here (the failures' tracebacks)")
     args = ap.parse_args()
-    result = run(args.repeats, args.control)
+    result = run(args.repeats, args.control, args.log)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> dict:
             ],
         )
         s = run_preprocess(cfg)
+        if not s["complete"]:
+            from pipelines.preprocess import failure_report
+
+            raise SystemExit(failure_report(s, "make demo"))
         s["mlflow_run_id"] = log_job(cfg, cfg.mlflow, s)
         summaries[source] = s
         print(
@@ -148,6 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
         ],
     )
     ev = run_evaluate(ecfg)
+    if not ev["complete"]:
+        raise SystemExit(
+            f"evaluation INCOMPLETE: {ev['failed']} of {ev['samples']} samples: {ev['failure_reasons']}"
+        )
     print(
         f"  {ev['scored']}/{ev['samples']} samples scored ({ev['failed']} failed), "
         f"{ev.get('samples_per_min', 0):.1f} samples/min -> {ev['output']}/results.parquet"

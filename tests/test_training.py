@@ -283,6 +283,20 @@ def test_ray_zero3_customize_from_a_stage1_run_with_mlflow(train_shards, tmp_pat
     assert again["resumed_from"] and again["resumed_from"].endswith(s2["checkpoint"].rsplit("/", 1)[1])
     assert again["step"] == 4
 
+    # a torn newest checkpoint (rank 1's optimizer shard never reached storage) does not count:
+    # the resubmission, asked for 2 more steps, resumes from the step-2 checkpoint and finishes
+    from mvcustom.training.launch import latest_checkpoint
+
+    newest = Path(latest_checkpoint(str(tmp_path / "stage2")))
+    (shard,) = newest.glob("zero/*rank_1*optim_states.pt")
+    shard.unlink()
+    with pytest.raises(ValueError, match=r"max_steps: 4 -> 6.*resume_allow=\[max_steps\]"):
+        main([*argv, "--set", "max_steps=6"])
+    more = main([*argv, "--set", "max_steps=6", "--set", "resume_allow=[max_steps]"])
+    assert more["resumed_from"] and Path(more["resumed_from"]) != newest and more["step"] == 6
+    steps = [m.step for m in client.get_metric_history(more["mlflow_run_id"], "loss")]
+    assert sorted(steps) == [3, 4, 5, 6], steps  # a new run for the resubmission: steps after step 2
+
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_bf16_training_steps_and_resumes(train_shards, tmp_path, stage):

@@ -250,7 +250,9 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
             last_checkpoint = step + 1
     flush = getattr(tracker, "flush", None) if ctx.is_main else None
     if flush is not None and not flush(force=True):
-        print(f"[rank 0] MLflow still unreachable: {len(tracker.pending)} metric points not logged", flush=True)
+        print(
+            f"[rank 0] MLflow still unreachable: {len(tracker.pending)} metric points not logged", flush=True
+        )
     export = export_model(engine, model, params, cfg, ctx)
     if export and tracker is not None:
         tracker.log_artifacts(export, "export")
