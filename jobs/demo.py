@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
         "variants": {"mvcustom": {}, "no_rendering": {"feature_rendering": False}},
     }
     Path(f"{out}/eval_spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    # the demo evaluates afresh: a rerun of the demo retrains, and an evaluation output refuses
+    # samples of another model (pipelines.evaluate.check_fingerprint)
+    shutil.rmtree(f"{out}/eval", ignore_errors=True)
     ecfg = load_config(
         EvaluateConfig,
         CONFIGS / "evaluate_debug.yaml",

@@ -13,8 +13,10 @@ point exits non-zero, unless every sample scored. Per-sample work lives in :mod:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from collections import Counter
 
 import fsspec
 
@@ -26,18 +28,33 @@ from pipelines import eval_records as er
 _SCALING = ("actors", "num_gpus", "scorers", "actor_cpus", "scorer_cpus", "report_samples", "spec", "output")
 
 
+def _file_identity(fs, path: str) -> str:
+    """Local files: SHA-1 of the content (a re-export of the same weights keeps its identity);
+    object stores: the backend's change key (S3: the ETag, a content hash)."""
+    if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return str(fs.ukey(path))
+    h = hashlib.sha1()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def model_identity(url: str | None) -> dict | None:
-    """What identifies a model folder's content: every file's relative path, size and the
-    backend's own change key (local: size and mtime; s3: ETag). ``None`` for a hub id or a
-    missing path (the id is the identity then)."""
+    """What identifies a model folder's content: every file's relative path and content identity
+    (:func:`_file_identity`), except ``training_run.json`` (lineage: the MLflow run that wrote it,
+    not the weights). ``None`` for a hub id or a missing path (the id is the identity then)."""
+    from mvcustom.training.tracking import RUN_FILE
+
     if not url:
         return None
     fs, root = fsspec.core.url_to_fs(url)
     if not fs.exists(root):
         return None
     if not fs.isdir(root):
-        return {"": fs.ukey(root)}
-    return {p[len(root) :].lstrip("/"): fs.ukey(p) for p in sorted(fs.find(root))}
+        return {"": _file_identity(fs, root)}
+    files = [p for p in sorted(fs.find(root)) if not p.endswith("/" + RUN_FILE)]
+    return {p[len(root) :].lstrip("/"): _file_identity(fs, p) for p in files}
 
 
 def eval_fingerprint(cfg) -> dict:
@@ -80,8 +97,7 @@ def _check_row(row: dict, stored: dict, what: str) -> None:
 def plan(cfg) -> dict:
     """What is left to do: rows to generate, generated rows to score, results already there."""
     rows = er.load_spec(cfg.spec, cfg.num_references)
-    ids = [r["sample_id"] for r in rows]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
+    dup = sorted(i for i, n in Counter(r["sample_id"] for r in rows).items() if n > 1)
     if dup:
         raise ValueError(
             f"spec {cfg.spec}: sample ids {dup} occur more than once (subject/variant/trajectory names)"

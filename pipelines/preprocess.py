@@ -147,8 +147,14 @@ def build_samples(shard: int, items: list, cfg: PreprocessConfig) -> BuiltShard:
 
 
 def commit(built: BuiltShard, cfg: PreprocessConfig) -> dict:
-    """Commit the shard (tar, then marker); returns a small status row."""
-    shardlib.commit_shard(cfg.output, cfg.split, built.shard, built.samples, built.manifest, built.errors)
+    """Commit the shard (tar, then marker); returns a small status row. A storage fault while
+    writing raises :class:`TransientError` (Ray retries the shard; the commit is idempotent)."""
+    try:
+        shardlib.commit_shard(cfg.output, cfg.split, built.shard, built.samples, built.manifest, built.errors)
+    except Exception as e:
+        if is_transient(e):
+            raise TransientError(f"committing shard {built.shard}: {type(e).__name__}: {e}") from e
+        raise
     return {
         "shard": built.shard,
         "samples": len(built.samples),

@@ -18,30 +18,16 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from mvcustom.configs import PreprocessConfig, from_dict, load_config
+from mvcustom.configs import PreprocessConfig, load_config
 from mvcustom.configs.preprocess import WebVidInputConfig
 from mvcustom.data.storage import is_transient, read_bytes
 from pipelines import preprocess as pp
 from pipelines import shards as shardlib
 from pipelines.errors import RecordError, TransientError, as_error_row
 from pipelines.webvid_records import list_webvid_items
+from tests.test_preprocess import _cfg
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cfg(source, inp, out, *overrides):
-    return from_dict(
-        PreprocessConfig,
-        {
-            "preset": "debug",
-            "source": source,
-            "input": str(inp),
-            "output": str(out),
-            "mlflow": {"enabled": False},
-        },
-        "test",
-        list(overrides),
-    )
 
 
 # ------------------------------------------------------------------ classification

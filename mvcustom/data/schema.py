@@ -56,6 +56,10 @@ def make_key(source: str, sequence: str, clip: int) -> str:
     return f"{source}-{seq}-{clip:04d}"
 
 
+class UnsafeShardError(ValueError):
+    """A shard holding a member with an absolute or ``..`` path: refused, never skipped."""
+
+
 def check_member_name(name: str) -> bool:
     """Refuse a tar member whose name is absolute or climbs out of its folder (``..``).
 
@@ -66,7 +70,7 @@ def check_member_name(name: str) -> bool:
     """
     parts = name.replace("\\", "/").split("/")
     if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
-        raise ValueError(
+        raise UnsafeShardError(
             f"tar member {name!r} has an absolute or '..' path; refusing the shard "
             "(shards written by pipelines.shards only hold flat member names: rewrite it with the preprocess job)"
         )

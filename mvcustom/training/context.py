@@ -88,9 +88,21 @@ class RayContext(TrainContext):
         import ray.train
 
         # A restarted worker group (FailureConfig) gets the run's latest reported checkpoint;
-        # a resubmitted job gets the one the launcher found in storage (``resume_from``).
+        # a resubmitted job gets the one the launcher found in storage (``resume_from``). Ray
+        # Train also restores a resubmitted run's newest checkpoint from storage, whether or
+        # not every rank's files reached it: that one is used only when it is complete.
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
+            import fsspec
+
+            from mvcustom.training.launch import checkpoint_complete
+
             self._held = ckpt.as_directory()
-            return self._held.__enter__()
+            local = self._held.__enter__()
+            marker, why = checkpoint_complete(fsspec.filesystem("file"), local)
+            if marker is not None:
+                return local
+            print(f"[rank {self.rank}] not resuming Ray's checkpoint {ckpt.path}: {why}", flush=True)
+            self._held.__exit__(None, None, None)
+            self._held = None
         return self.resume_from

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mvcustom.data.reader import _register_fsspec_schemes, expand_shards, to_tensors
-from mvcustom.data.schema import check_member_name
+from mvcustom.data.schema import UnsafeShardError, check_member_name
 
 
 def rank_shards(shards: list[str], epoch: int, seed: int, rank: int, world: int) -> tuple[list[str], bool]:
@@ -49,8 +49,8 @@ class BadSamples:
     def __call__(self, exn: BaseException) -> bool:
         from mvcustom.data.storage import is_transient
 
-        if is_transient(exn):
-            raise exn
+        if is_transient(exn) or isinstance(exn, UnsafeShardError):
+            raise exn  # a storage fault retries the step; an unsafe shard is refused, not skipped
         self.stats["bad_samples"] += 1
         n = self.stats["bad_samples"]
         if n > self.limit:
