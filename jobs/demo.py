@@ -45,8 +45,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[1/4] generating sample datasets under {out}/data ...", flush=True)
     index = generate_sample_data(f"{out}/data", load_config(SampleDataConfig, args.config))
     root = f"{out}/data/co3d"
+    subject = None  # the one subject stage 2 customizes: the first sequence of the teddybears
     for category in index["co3d"]["categories"]:
         cat = co3d.load_category(root, category)
+        if subject is None or category == "teddybear":
+            subject = (category, sorted(cat.sequences)[0])
         n = sum(len(v) for v in cat.frames_by_sequence.values())
         print(
             f"  co3d/{category}: {len(cat.sequences)} sequences, {n} frames, subsets {co3d.available_subsets(root, category)}"
@@ -101,7 +104,11 @@ def main(argv: list[str] | None = None) -> dict:
     trained = {}
     for stage, shards, extra in (
         ("backbone", with_shards, []),
-        ("customize", [summaries["co3d"]["output"]], [f"init_from={out}/runs/backbone/export"]),
+        (
+            "customize",
+            [summaries["co3d"]["output"]],
+            [f"init_from={out}/runs/backbone/export", f"data.subject={subject[0]}/{subject[1]}"],
+        ),
     ):
         cfg = load_config(
             TrainConfig,
@@ -117,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
         trained[stage] = run_training(cfg)
         t = trained[stage]
+        if t.get("subject"):
+            print(f"  {stage}: learned {cfg.subject_token} = CO3D {', '.join(t['subject'])}")
         print(
             f"  {stage}: {t['step']} steps, loss {t['loss']:.3f}, {t['samples_per_s']:.2f} samples/s, "
             f"resumed from {t['resumed_from']} -> {t['export']}"
@@ -129,7 +138,14 @@ def main(argv: list[str] | None = None) -> dict:
     from pipelines.evaluate import run_evaluate
 
     spec = {
-        "subjects": [{"name": "teddybear", "shards": summaries["co3d"]["output"], "num_references": 2}],
+        "subjects": [
+            {
+                "name": f"{subject[0]}-{subject[1]}",
+                "shards": summaries["co3d"]["output"],
+                "sequence": subject[1],
+                "num_references": 2,
+            }
+        ],
         "prompts": ["a photo of a <sks> teddybear in a garden"],
         "trajectories": [
             {"name": "arc60", "kind": "arc", "span_deg": 60},
@@ -174,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         "error_records": {k: v["errors"] for k, v in summaries.items()},
         "mlflow": mlflow_uri,
         "mlflow_runs": {k: v["mlflow_run_id"] for k, v in summaries.items()},
+        "subject": f"{subject[0]}/{subject[1]}",
         "training": {
             k: {"export": v["export"], "mlflow_run_id": v["mlflow_run_id"], "loss": v["loss"]}
             for k, v in trained.items()

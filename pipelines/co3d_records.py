@@ -80,6 +80,7 @@ def list_co3d_items(
             raise ValueError(
                 f"co3d.captions_file {cfg.captions_file!r}: expected a JSON object {{sequence_name: caption}}"
             )
+    found: set[str] = set()
     for category in cfg.categories or list_categories(root):
         try:
             cat = co3d.load_category(root, category)
@@ -92,6 +93,9 @@ def list_co3d_items(
             errors.append(_error(category, "annotations", str(e)))
             continue
         for seq in sorted(cat.frames_by_sequence):
+            if cfg.sequences and seq not in cfg.sequences:
+                continue
+            found.add(seq)
             frames = cat.frames_by_sequence[seq]
             if keep is not None:
                 frames = [f for f in frames if (seq, f.frame_number) in keep]
@@ -124,6 +128,12 @@ def list_co3d_items(
                 items.append(
                     Co3dItem(f"{sid}/{c:04d}", category, seq, c, [frames[i] for i in idx], caption, q)
                 )
+    missing = sorted(set(cfg.sequences) - found)
+    if missing:
+        raise ValueError(
+            f"co3d.sequences {missing} are in none of the categories read ({cfg.categories or 'all'}) under "
+            f"{root!r}; check the names (folders under <root>/<category>/) or co3d.categories"
+        )
     return items, errors
 
 

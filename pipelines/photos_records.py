@@ -51,7 +51,7 @@ class PhotoItem:
 
 
 def list_photo_items(
-    root: str, min_photos: int, max_photos: int, caption_template: str
+    root: str, min_photos: int, max_photos: int, caption_template: str, subjects: list[str] | None = None
 ) -> tuple[list[PhotoItem], list[dict]]:
     """Subjects under ``root`` (see the module docstring); folders with too few photos become
     error records."""
@@ -66,6 +66,14 @@ def list_photo_items(
 
     folders = [base] if photos_in(base) else sorted(p for p in fs.ls(base, detail=False) if fs.isdir(p))
     items, errors = [], []
+    if subjects:
+        names = {f.rstrip("/").rsplit("/", 1)[-1] for f in folders}
+        missing = sorted(set(subjects) - names)
+        if missing:
+            raise ValueError(
+                f"photos.subjects {missing} are not folders under {root!r} (found {sorted(names)})"
+            )
+        folders = [f for f in folders if f.rstrip("/").rsplit("/", 1)[-1] in subjects]
     for folder in folders:
         name = folder.rstrip("/").rsplit("/", 1)[-1]
         photos = photos_in(folder)

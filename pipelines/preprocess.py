@@ -62,7 +62,9 @@ def list_items(cfg: PreprocessConfig) -> Listing:
         from pipelines.photos_records import list_photo_items
 
         p = cfg.photos
-        items, errors = list_photo_items(cfg.input, p.min_photos, p.max_photos, p.caption_template)
+        items, errors = list_photo_items(
+            cfg.input, p.min_photos, p.max_photos, p.caption_template, p.subjects
+        )
     else:
         from pipelines.webvid_records import list_webvid_items
 

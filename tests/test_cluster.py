@@ -330,6 +330,7 @@ def _train(shards, out, uri, *extra) -> tuple[str, ...]:
         "ray.address=auto",
         "scaling.num_workers=2",
         "scaling.placement_strategy=SPREAD",
+        "data.multiple_subjects=true",  # these drills test distribution over every clip, not one subject
         f"mlflow.tracking_uri={uri}",
         *extra,
     ):

@@ -119,3 +119,16 @@ def test_listing_filters_and_captions(sample_data, tmp_path):
     cap.write_text("[1, 2]")
     with pytest.raises(ValueError, match="captions_file .* expected a JSON object"):
         list_co3d_items(root, Co3dInputConfig(captions_file=str(cap)), 8)
+
+
+def test_sequences_select_one_subject(sample_data):
+    from mvcustom.configs.preprocess import Co3dInputConfig
+    from pipelines.co3d_records import list_co3d_items
+
+    root = str(sample_data / "co3d")
+    every, _ = list_co3d_items(root, Co3dInputConfig(), 8)
+    seq = sorted({i.sequence for i in every})[0]
+    items, _ = list_co3d_items(root, Co3dInputConfig(sequences=[seq]), 8)
+    assert items and {i.sequence for i in items} == {seq}
+    with pytest.raises(ValueError, match=r"co3d.sequences \['nope'\] are in none of the categories"):
+        list_co3d_items(root, Co3dInputConfig(sequences=[seq, "nope"]), 8)

@@ -38,6 +38,13 @@ def test_demo_job_runs_on_debug_data(tmp_path, capsys, ray_local):
         t = summary["training"][stage]
         assert (tmp_path / "demo" / "runs" / stage / "export" / "model.safetensors").exists()
         assert client.get_run(t["mlflow_run_id"]).data.params["deepspeed.zero_stage"] == "2"
+    # stage 2 customized one named subject, and says which (console, summary, MLflow tag)
+    subject = summary["subject"]
+    assert subject.startswith("teddybear/") and f"learned <sks> = CO3D {subject}" in out
+    assert (
+        client.get_run(summary["training"]["customize"]["mlflow_run_id"]).data.tags["mvcustom.subject"]
+        == subject
+    )
     assert MVCustomModel.from_pretrained(
         summary["training"]["customize"]["export"]
     ).config.subject_tokens == ["<sks>"]

@@ -153,6 +153,31 @@ def test_customize_examples_split_references_from_targets(train_shards):
     assert len({tuple(v.flatten().tolist()) for v in views}) == 6  # six distinct frames
 
 
+def test_stage2_learns_one_named_subject(train_shards, tmp_path):
+    from mvcustom.training.data import check_subject, subject_of, subjects_in
+
+    found = subjects_in(train_shards)
+    assert len(found) >= 2 and all(s.count("/") == 1 for s in found)  # category/sequence
+    cfg = debug_config(train_shards, tmp_path, stage="customize")
+    with pytest.raises(
+        ValueError, match=r"learns one subject .* hold \d+: .*data.subject=.*multiple_subjects"
+    ):
+        check_subject(cfg)  # two subjects and no switch: refused
+    one = sorted(found)[0]
+    for name in (one, one.split("/")[1]):  # in full or by its sequence name
+        assert check_subject(
+            debug_config(train_shards, tmp_path, stage="customize", **{"data.subject": name})
+        ) == [one]
+    with pytest.raises(ValueError, match="not in the shards"):
+        check_subject(debug_config(train_shards, tmp_path, stage="customize", **{"data.subject": "no/such"}))
+    both = debug_config(train_shards, tmp_path, stage="customize", **{"data.multiple_subjects": True})
+    assert check_subject(both) == sorted(found)
+    # the stream keeps only that subject, and with a subject every rank gets all of its clips
+    for rank in (0, 1):
+        stream = sample_stream(train_shards, 0, rank, 2, 1, subject=one)
+        assert {subject_of(next(stream)["meta"]) for _ in range(4)} == {one}
+
+
 # ---------------------------------------------------------------------------- the loop, one process
 class _StopAfter(Exception):
     pass
@@ -262,10 +287,16 @@ def test_ray_zero3_customize_from_a_stage1_run_with_mlflow(train_shards, tmp_pat
         "scaling.num_workers=2",
     ):
         argv += ["--set", setting]
+    from mvcustom.training.data import subjects_in
+
+    subject = sorted(subjects_in(train_shards))[-1]
+    argv += ["--set", f"data.subject={subject}"]
     s2 = main(argv)
+    assert s2["subject"] == [subject]
     assert s2["step"] == 4 and s2["resumed_from"] is None
     client, run2 = _mlflow_run(uri, s2["mlflow_run_id"])
     assert run2.data.tags["mvcustom.parent_run_id"] == s1["mlflow_run_id"]
+    assert run2.data.tags["mvcustom.subject"] == subject
     assert run2.data.params["deepspeed.zero_stage"] == "3" and run2.data.params["stage"] == "customize"
     assert {"rank0_loss_fg_opacity", "rank0_loss_bg_alpha", "loss"} <= set(run2.data.metrics)
     assert len(client.get_metric_history(run2.info.run_id, "loss")) == 4

@@ -18,6 +18,9 @@ class Co3dInputConfig:
 
     Attributes:
         categories: categories to read (empty: every category folder under the root).
+        sequences: sequence names to keep (empty: all): one subject for stage 2 is one CO3D
+            sequence (``categories: [teddybear]``, ``sequences: [101_2160_9757]``); a name found
+            in none of the categories is a config error.
         subset_name: set-list subset (``fewview_dev``, ``manyview_dev_0``, ...) restricting frames
             to its ``splits``; ``None`` uses every annotated frame.
         splits: set-list splits to keep (``train``, ``val``, ``test``) when ``subset_name`` is set.
@@ -31,6 +34,7 @@ class Co3dInputConfig:
     """
 
     categories: list[str] = field(default_factory=list)
+    sequences: list[str] = field(default_factory=list)
     subset_name: str | None = None
     splits: list[str] = field(default_factory=lambda: ["train"])
     min_viewpoint_quality: float = 0.0
@@ -78,11 +82,13 @@ class PhotosInputConfig:
         min_photos: a subject with fewer photos is an error record.
         max_photos: at most this many photos per subject (sorted by name).
         caption_template: caption when the folder has no ``caption.txt`` (``{name}``: folder name).
+        subjects: subject folders to keep (empty: all).
     """
 
     min_photos: int = 6
     max_photos: int = 64
     caption_template: str = "a photo of a {name}"
+    subjects: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check(2 <= self.min_photos <= self.max_photos, "photos: need 2 <= min_photos <= max_photos")

@@ -172,6 +172,11 @@ class TrainDataConfig:
             (``null``: random).
         min_rotation_deg: drop clips whose preprocessing-recorded camera rotation is smaller
             (static shots; 0 keeps everything, clips without the figure are kept).
+        subject: stage 2: the one subject to learn, as ``category/sequence`` (CO3D),
+            ``photos/<folder>`` or the bare sequence/folder name; samples of other subjects in
+            the shards are skipped. ``null``: the shards must hold exactly one subject.
+        multiple_subjects: stage 2: allow shards with several subjects (one token learns them
+            all; not the paper's setting). Without it such a run is refused, listing them.
         max_bad_samples: samples (or unreadable shard tails) a rank may skip because they are
             corrupt before the run fails; each skip is printed and counted (MLflow
             ``data_bad_samples``). 0: fail on the first. A storage timeout is never skipped:
@@ -184,6 +189,8 @@ class TrainDataConfig:
     prompt_template_customize: str = "a photo of {token} {category}"
     subject_init_word: str | None = None
     min_rotation_deg: float = 0.0
+    subject: str | None = None
+    multiple_subjects: bool = False
     max_bad_samples: int = 16
 
     def __post_init__(self) -> None:

@@ -7,6 +7,11 @@ seeded shuffle buffer. The stream is a pure function of ``(seed, rank, world siz
 resumed run skips the samples it already consumed (``step * micro_batches * batch_size``) and
 continues exactly where the stopped run was (tested bit-exact).
 
+Stage 2 learns one subject (``data.subject``; :func:`check_subject` refuses shards holding more
+than one unless ``data.multiple_subjects``): the stream keeps only that subject's clips and every
+rank streams all of them (a subject is a handful of clips; the ranks differ in shuffle, frames
+and noise).
+
 Per sample (DESIGN.md §3 schema, via :func:`mvcustom.data.reader.to_tensors`): choose
 ``num_frames`` frames (evenly spread over the clip, a random offset when the clip is longer),
 resize to the configured size (intrinsics scaled exactly), and for stage 2 split the clip into
@@ -24,6 +29,64 @@ import torch.nn.functional as F
 
 from mvcustom.data.reader import _register_fsspec_schemes, expand_shards, to_tensors
 from mvcustom.data.schema import UnsafeShardError, check_member_name
+
+
+def subject_of(meta: dict) -> str:
+    """A clip's subject: ``category/sequence`` (CO3D), else ``source/sequence`` (``photos/mug``)."""
+    if meta.get("source") == "co3d":
+        return f"{meta.get('category')}/{meta.get('sequence')}"
+    return f"{meta.get('source')}/{meta.get('sequence')}"
+
+
+def matches_subject(subject: str, wanted: str) -> bool:
+    """``wanted`` names ``subject`` in full or by its sequence/folder name alone."""
+    return subject == wanted or subject.rsplit("/", 1)[-1] == wanted
+
+
+def subjects_in(shards: list[str] | str) -> dict[str, int]:
+    """Clips per subject in ``shards``, from the ``manifest.parquet`` beside them (every shard
+    folder written by ``jobs.preprocess`` has one)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    by_folder: dict[str, set[str]] = {}
+    for url in expand_shards(shards):
+        folder, name = url.rsplit("/", 1)
+        by_folder.setdefault(folder, set()).add(name)
+    counts: dict[str, int] = {}
+    for folder, names in sorted(by_folder.items()):
+        try:
+            with fsspec.open(f"{folder}/manifest.parquet", "rb") as f:
+                rows = pq.read_table(f, columns=["shard", "source", "source_id"]).to_pylist()
+        except FileNotFoundError:
+            raise ValueError(
+                f"no manifest.parquet beside the shards in {folder}: stage 2 reads it to know which subjects "
+                "the data holds (jobs.preprocess writes one into every output folder)"
+            ) from None
+        for r in rows:
+            if r["shard"] in names:
+                sid = r["source_id"].rsplit("/", 1)[0] if r["source"] == "co3d" else r["source_id"]
+                key = sid if r["source"] == "co3d" else f"{r['source']}/{sid}"
+                counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def check_subject(cfg) -> list[str]:
+    """Stage 2's subject(s) in ``cfg.shards``, refusing what is not one named subject (unless
+    ``data.multiple_subjects``). Returns the subjects the run will learn."""
+    found = subjects_in(cfg.shards)
+    wanted = cfg.data.subject
+    chosen = sorted(s for s in found if wanted is None or matches_subject(s, wanted))
+    listed = ", ".join(f"{s} ({n} clips)" for s, n in sorted(found.items())[:20])
+    if not chosen:
+        raise ValueError(f"data.subject={wanted!r} is not in the shards, which hold: {listed}")
+    if len(chosen) > 1 and not cfg.data.multiple_subjects:
+        raise ValueError(
+            f"stage 2 learns one subject (one token), but the shards hold {len(chosen)}: {listed}. "
+            "Name one with --set data.subject=<category/sequence>, preprocess only it "
+            "(co3d.categories + co3d.sequences), or set data.multiple_subjects=true to train one token on all"
+        )
+    return chosen
 
 
 def rank_shards(shards: list[str], epoch: int, seed: int, rank: int, world: int) -> tuple[list[str], bool]:
@@ -74,10 +137,12 @@ def sample_stream(
     shuffle_buffer: int = 64,
     max_bad_samples: int = 16,
     stats: dict | None = None,
+    subject: str | None = None,
 ) -> Iterator[dict]:
     """Endless stream of decoded samples for one rank (see the module docstring). Corrupt
     samples and unreadable shard tails are skipped and counted in ``stats["bad_samples"]``, at
-    most ``max_bad_samples`` per rank (:class:`BadSamples`)."""
+    most ``max_bad_samples`` per rank (:class:`BadSamples`). ``subject``: keep only that
+    subject's clips (:func:`matches_subject`)."""
     import webdataset as wds
 
     _register_fsspec_schemes()
@@ -86,6 +151,10 @@ def sample_stream(
     epoch = 0
     while True:
         mine, by_index = rank_shards(urls, epoch, seed, rank, world)
+        if subject is not None:
+            # one subject is a handful of clips, often in one shard: every rank streams all of
+            # them (the ranks still differ in shuffle, frames and noise), or most ranks get none
+            mine, by_index = rank_shards(urls, epoch, seed, 0, 1)
         rng = random.Random(f"{seed}-{rank}-{epoch}")
         buffer: list[dict] = []
         ds = wds.WebDataset(
@@ -100,6 +169,8 @@ def sample_stream(
         yielded = False
         for i, raw in enumerate(ds):
             if by_index and i % world != rank:
+                continue
+            if subject is not None and not _is_subject(raw, subject):
                 continue
             buffer.append(raw)
             if len(buffer) >= max(shuffle_buffer, 1):
@@ -118,6 +189,16 @@ def sample_stream(
                 f"rank {rank} of {world} got no samples from {len(urls)} shards in epoch {epoch}"
             )
         epoch += 1
+
+
+def _is_subject(raw: dict, subject: str) -> bool:
+    import json
+
+    try:
+        meta = json.loads(raw["json"])
+    except (KeyError, ValueError):
+        return True  # decoding reports the broken sample
+    return matches_subject(subject_of(meta), subject)
 
 
 def _decode(raw: dict, bad: BadSamples) -> dict | None:
@@ -234,6 +315,7 @@ def batch_stream(
     min_rotation_deg: float = 0.0,
     max_bad_samples: int = 16,
     stats: dict | None = None,
+    subject: str | None = None,
 ) -> Iterator[dict]:
     """Endless micro-batches for one rank; ``skip_batches`` fast-forwards a resumed run.
 
@@ -243,7 +325,7 @@ def batch_stream(
     rng = random.Random(f"frames-{seed}-{rank}")
     batch: list[dict] = []
     produced = 0
-    for sample in sample_stream(shards, seed, rank, world, shuffle_buffer, max_bad_samples, stats):
+    for sample in sample_stream(shards, seed, rank, world, shuffle_buffer, max_bad_samples, stats, subject):
         motion = (sample.get("meta") or {}).get("camera_motion") or {}
         if min_rotation_deg > 0 and motion.get("max_rotation_deg", float("inf")) < min_rotation_deg:
             continue

@@ -154,7 +154,13 @@ def run_training(cfg) -> dict:
     resume = latest_checkpoint(cfg.output)
     if resume:
         check_resume(cfg, resume)
-    run_id = start_run(cfg)
+    subjects = None
+    if cfg.stage == "customize":
+        from mvcustom.training.data import check_subject
+
+        subjects = check_subject(cfg)
+        print(f"[train] stage 2 learns {cfg.subject_token} = {', '.join(subjects)}", flush=True)
+    run_id = start_run(cfg, {"mvcustom.subject": ", ".join(subjects)} if subjects else None)
     init_ray(cfg.ray)
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
@@ -195,6 +201,7 @@ def run_training(cfg) -> dict:
         )
     end_run(cfg, run_id)
     return {
+        "subject": subjects,
         "resumed_from": resume,
         "mlflow_run_id": run_id,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,

@@ -164,6 +164,7 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
         min_rotation_deg=cfg.data.min_rotation_deg,
         max_bad_samples=cfg.data.max_bad_samples,
         stats=data_stats,
+        subject=cfg.data.subject if customize else None,
     )
     figures: dict = {}
     state_mib: float | None = None  # optimizer state exists (and stays this size) after step 1

@@ -40,7 +40,7 @@ def parent_run_id(init_from: str | None) -> str | None:
         return json.load(f).get("run_id")
 
 
-def start_run(cfg) -> str | None:
+def start_run(cfg, extra_tags: dict | None = None) -> str | None:
     """Create the job's run (driver side); returns its id, or ``None`` when tracking is off."""
     if not cfg.mlflow.enabled:
         return None
@@ -49,7 +49,7 @@ def start_run(cfg) -> str | None:
     client = mlflow.MlflowClient(tracking_uri(cfg.mlflow))
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment)
-    tags = {"mvcustom.stage": cfg.stage, "mvcustom.job": "train"}
+    tags = {"mvcustom.stage": cfg.stage, "mvcustom.job": "train", **(extra_tags or {})}
     parent = parent_run_id(cfg.init_from)
     if parent:
         tags["mvcustom.parent_run_id"] = parent
