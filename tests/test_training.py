@@ -178,6 +178,30 @@ def test_stage2_learns_one_named_subject(train_shards, tmp_path):
         assert {subject_of(next(stream)["meta"]) for _ in range(4)} == {one}
 
 
+@pytest.mark.slow
+def test_stage2_trains_at_the_radius_inference_uses(train_shards, tmp_path):
+    """Stage 1 expands the STT radius on its schedule; stage 2 customizes the expanded model at
+    the stage-1 export's final radius (what inference uses), read through the per-step reports."""
+    import json
+
+    from mvcustom.training.launch import run_local
+
+    over = {"max_steps": 4, "checkpoint_every": 1, "sample_every": 100}
+    s1 = run_local(debug_config(train_shards, tmp_path / "s1", **over))  # schedule [[0, 0], [2, -1]]
+    assert [r["stt_radius"] for r in s1["reports"]] == [0, 0, -1, -1]
+    record = json.loads((tmp_path / "s1" / "export" / "mvcustom_training.json").read_text())
+    assert record == {"stage": "backbone", "steps": 4, "final_stt_radius": -1}
+    stage2 = {**over, "stage": "customize", "init_from": str(tmp_path / "s1" / "export")}
+    s2 = run_local(debug_config(train_shards, tmp_path / "s2", **stage2))
+    assert [r["stt_radius"] for r in s2["reports"]] == [-1, -1, -1, -1]
+    pinned = run_local(
+        debug_config(
+            train_shards, tmp_path / "s3", **{**stage2, "max_steps": 2, "model.stage2_stt_radius": 1}
+        )
+    )
+    assert [r["stt_radius"] for r in pinned["reports"]] == [1, 1]
+
+
 # ---------------------------------------------------------------------------- the loop, one process
 class _StopAfter(Exception):
     pass

@@ -28,6 +28,10 @@ class ModelConfig:
         stt_radius_schedule: progressive dense spatio-temporal attention: ``[[step, radius], ...]``
             (radius in latent pixels of each motion module's map; -1 = full feature map); the
             radius in force at a step is the last entry whose step is <= it.
+        stage2_stt_radius: the constant STT radius of stage 2 (customization trains the
+            expanded model at the radius inference uses, PAPER.md §3). ``null``: the final radius
+            the stage-1 export recorded (``mvcustom_training.json``), else the last radius of
+            ``stt_radius_schedule``. Stage 1 follows ``stt_radius_schedule``.
         stt_tile: query tile of windowed STT (``null``: ``min(2r+1, 4)``).
         featurenerf_blocks: indices (0-15, forward order: down 0-5, middle 6, up 7-15) of the
             spatial transformer blocks that carry the FeatureNeRF branch (default: the 7
@@ -44,6 +48,7 @@ class ModelConfig:
     stt_radius_schedule: list[tuple[int, int]] = field(
         default_factory=lambda: [(0, 0), (1000, 1), (3000, 2), (6000, -1)]
     )
+    stage2_stt_radius: int | None = None
     stt_tile: int | None = None
     featurenerf_blocks: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8, 9, 10])
     nerf_samples: int = 24
@@ -59,6 +64,10 @@ class ModelConfig:
         check(
             all(r >= -1 for _, r in self.stt_radius_schedule),
             "model.stt_radius_schedule radii must be >= 0 or -1 (full)",
+        )
+        check(
+            self.stage2_stt_radius is None or self.stage2_stt_radius >= -1,
+            "model.stage2_stt_radius must be >= 0 or -1 (full), or null",
         )
         check(
             all(0 <= b < 16 for b in self.featurenerf_blocks),

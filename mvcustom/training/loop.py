@@ -109,6 +109,30 @@ def _localize(path: str, held: list) -> str:
     return tmp.name
 
 
+TRAINING_RECORD = "mvcustom_training.json"
+
+
+def radius_schedule(cfg) -> list[tuple[int, int]]:
+    """The STT radius schedule this run follows: stage 1 expands progressively
+    (``model.stt_radius_schedule``); stage 2 customizes the expanded model at one radius, the
+    one inference uses (``model.stage2_stt_radius``, else the stage-1 export's final radius,
+    else the schedule's last)."""
+    if cfg.stage != "customize":
+        return [tuple(e) for e in cfg.model.stt_radius_schedule]
+    radius = cfg.model.stage2_stt_radius
+    if radius is None and cfg.init_from:
+        import fsspec
+
+        try:
+            with fsspec.open(f"{cfg.init_from.rstrip('/')}/{TRAINING_RECORD}") as f:
+                radius = json.load(f).get("final_stt_radius")
+        except FileNotFoundError:
+            radius = None
+    if radius is None:
+        radius = cfg.model.stt_radius_schedule[-1][1]
+    return [(0, int(radius))]
+
+
 def _build(cfg):
     """The model of ``cfg``, built from the seed (the same weights on every rank and at export)."""
     torch.manual_seed(cfg.seed)
@@ -170,8 +194,11 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
     state_mib: float | None = None  # optimizer state exists (and stays this size) after step 1
     history: list[float] = []  # mean loss per step (all ranks)
     sample_batch = None
+    schedule = radius_schedule(cfg)
+    if ctx.is_main:
+        print(f"[rank 0] {cfg.stage}: STT radius schedule {schedule} (step, radius; -1 = full)", flush=True)
     for step in range(start, cfg.max_steps):
-        radius = radius_at(cfg.model.stt_radius_schedule, step)
+        radius = radius_at(schedule, step)
         t_step = time.perf_counter()
         wait = 0.0
         losses: list[float] = []
@@ -339,7 +366,19 @@ def export_model(engine, model, params: dict, cfg, ctx: TrainContext) -> str | N
     target = cfg.output.rstrip("/") + "/export"
     local = tempfile.mkdtemp(prefix="mvcustom-export-")
     fresh.save_pretrained(local)
+    # what stage 2 needs to know of this training: the radius the model was trained up to
+    record = {
+        "stage": cfg.stage,
+        "steps": cfg.max_steps,
+        "final_stt_radius": radius_at(radius_schedule(cfg), cfg.max_steps - 1),
+    }
+    with open(os.path.join(local, TRAINING_RECORD), "w") as f:
+        json.dump(record, f)
     if target != local:
         fresh.save_pretrained(target)
+        import fsspec
+
+        with fsspec.open(f"{target}/{TRAINING_RECORD}", "w") as f:
+            json.dump(record, f)
     torch.distributed.barrier()
     return local
