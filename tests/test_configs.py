@@ -40,6 +40,17 @@ def test_every_shipped_yaml_loads():
         assert again == cfg, path.name
 
 
+def test_paper_configs_differ_from_ours_only_by_the_camera_encoder():
+    from mvcustom.configs import TrainConfig
+    from mvcustom.configs.base import flatten, to_dict
+
+    for stage in ("backbone", "customize"):
+        ours = flatten(to_dict(load_config(TrainConfig, CONFIG_DIR / f"train_{stage}_sd15.yaml")))
+        paper = flatten(to_dict(load_config(TrainConfig, CONFIG_DIR / f"train_{stage}_sd15_paper.yaml")))
+        assert {k for k in ours if ours[k] != paper[k]} == {"model.camera_encoder"}
+        assert ours["model.camera_encoder"] and not paper["model.camera_encoder"]
+
+
 def test_every_job_has_a_debug_preset():
     for cls in JOB_CONFIGS.values():
         assert "debug" in cls.PRESETS
