@@ -307,6 +307,9 @@ class GenerateSamples:
         out = sample_dir(cfg.output, row["sample_id"])
         image_hw = (cfg.clip.height, cfg.clip.width)
         t0 = time.perf_counter()
+        device = self.pipe.model.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         refs, ref_dir = self._refs(row, image_hw)
         traj = dict(json.loads(row["trajectory"]))
         kind = traj.pop("kind")
@@ -340,6 +343,10 @@ class GenerateSamples:
             "references": ref_dir,
             "num_reference_views": len(refs.images),
             "generate_seconds": seconds,
+            # Table 2's cost column: peak accelerator memory of this sample (None on CPU)
+            "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30
+            if device.type == "cuda"
+            else None,
             "covered_fraction": info.get("covered_fraction"),
             "depth_scale": info.get("depth_scale"),
             "depth_scale_source": info.get("depth_scale_source"),
@@ -406,6 +413,8 @@ class ScoreSamples:
             "registered_frames": pose.registered,
             "rotation_error_deg": pose.rotation_error_deg,
             "translation_error_deg": pose.translation_error_deg,
+            # appendix Table A3: points COLMAP triangulated with the requested cameras
+            "colmap_points": pose.num_points,
             **sims,
             "score_seconds": time.perf_counter() - t0,
         }
@@ -463,7 +472,8 @@ def aggregate(results) -> pd.DataFrame:  # noqa: F821
     scored["trajectory_name"] = [
         json.loads(t).get("name", json.loads(t)["kind"]) for t in scored["trajectory"]
     ]
-    cols = [c for c in (*METRICS, "covered_fraction", "generate_seconds", "score_seconds") if c in scored]
+    extra = ("colmap_points", "covered_fraction", "generate_seconds", "peak_gpu_memory_gib", "score_seconds")
+    cols = [c for c in (*METRICS, *extra) if c in scored]
     for c in cols:
         scored[c] = pd.to_numeric(scored[c], errors="coerce")
     groups = {

@@ -188,7 +188,14 @@ def run_evaluate(cfg) -> dict:
     if summary["generated_now"] and seconds > 0:
         summary["samples_per_min"] = round(60 * summary["generated_now"] / seconds, 3)
     scored = results[results["status"] == "scored"]
-    for m in (*er.METRICS, "covered_fraction", "score_seconds", "generate_seconds"):
+    for m in (
+        *er.METRICS,
+        "colmap_points",
+        "covered_fraction",
+        "score_seconds",
+        "generate_seconds",
+        "peak_gpu_memory_gib",
+    ):
         if m in scored and len(scored):
             vals = pd.to_numeric(scored[m], errors="coerce").dropna()
             if len(vals):

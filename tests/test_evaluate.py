@@ -128,6 +128,7 @@ def test_evaluation_job_generates_scores_reports_and_resumes(
     ok = results[results.status == "scored"]
     for m in ("pose_accuracy", "multiview_consistency", "identity", "text_alignment"):
         assert ok[m].notna().all()
+    assert (ok.colmap_points >= 0).all() and ok.peak_gpu_memory_gib.isna().all()  # CPU: no GPU figure
     # 32x32 frames of a random model do not reconstruct: scored 0 and flagged, not dropped
     assert (ok.pose_accuracy[ok.pose_failed] == 0).all()
     rendered = ok[ok.variant == "mvcustom"].iloc[0]
