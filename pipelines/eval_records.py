@@ -206,7 +206,8 @@ def _cams_from_json(d: dict) -> Cameras:
 # ---------------------------------------------------------------------------- references
 def load_references(shards: str, sequence: str | None, num: int, image_hw: tuple[int, int]):
     """``num`` views spread over the first clip of ``sequence`` (``None``: the first clip in
-    the shards), resized to ``image_hw``, as :class:`ReferenceViews`. One clip, because
+    the shards), resized to ``image_hw``, as :class:`ReferenceViews`, with the clip's key and
+    category (the class word of the text-alignment prompt). One clip, because
     preprocessing normalises each clip's world frame on its own."""
     from mvcustom.data.reader import make_clip_dataset
     from mvcustom.inference.pipeline import ReferenceViews
@@ -227,7 +228,11 @@ def load_references(shards: str, sequence: str | None, num: int, image_hw: tuple
         )
         cams = Cameras(s["extrinsics"][idx].double(), s["intrinsics"][idx].double(), image_hw)
         masks = (s["mask"][idx] > 0.5).numpy() if "mask" in s else None
-        return ReferenceViews(np.ascontiguousarray(images), cams, masks), sample["key"]
+        return (
+            ReferenceViews(np.ascontiguousarray(images), cams, masks),
+            sample["key"],
+            sample["meta"].get("category"),
+        )
     raise ValueError(f"{shards}: no clip of sequence {sequence!r}" if sequence else f"{shards}: no clips")
 
 
@@ -291,13 +296,15 @@ class GenerateSamples:
         metric): loaded and written once per subject and actor."""
         key = (row["shards"], row["sequence"], row["num_references"])
         if key not in self.references:
-            refs, clip_key = load_references(row["shards"], row["sequence"], row["num_references"], image_hw)
+            refs, clip_key, category = load_references(
+                row["shards"], row["sequence"], row["num_references"], image_hw
+            )
             ref_dir = (
                 f"{self.cfg.output.rstrip('/')}/references/{_SAFE.sub('_', clip_key)}-{len(refs.images)}"
             )
             for i, im in enumerate(refs.images):
                 _write_png(f"{ref_dir}/ref_{i:03d}.png", im)
-            self.references[key] = (refs, ref_dir)
+            self.references[key] = (refs, ref_dir, category)
         return self.references[key]
 
     def generate(self, row: dict) -> dict:
@@ -310,7 +317,7 @@ class GenerateSamples:
         device = self.pipe.model.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        refs, ref_dir = self._refs(row, image_hw)
+        refs, ref_dir, category = self._refs(row, image_hw)
         traj = dict(json.loads(row["trajectory"]))
         kind = traj.pop("kind")
         traj.pop("name", None)
@@ -341,6 +348,7 @@ class GenerateSamples:
             "num_frames": num_frames,
             "cameras": _cams_json(cams),
             "references": ref_dir,
+            "subject_category": category,
             "num_reference_views": len(refs.images),
             "generate_seconds": seconds,
             # Table 2's cost column: peak accelerator memory of this sample (None on CPU)
@@ -393,7 +401,7 @@ class ScoreSamples:
         self.distance = ImageTextEncoder.from_pretrained(mm.dreamsim) if mm.dreamsim else None
 
     def score(self, meta: dict) -> dict:
-        from mvcustom.metrics import pose_accuracy, score_views
+        from mvcustom.metrics import class_word_prompt, pose_accuracy, score_views
 
         out = sample_dir(self.cfg.output, meta["sample_id"])
         t0 = time.perf_counter()
@@ -403,7 +411,9 @@ class ScoreSamples:
         )
         cams = _cams_from_json(meta["cameras"])
         pose = pose_accuracy(frames, cams, threshold_deg=self.cfg.metric_models.pose_threshold_deg)
-        sims = score_views(self.encoder, frames, refs, meta["prompt"], self.distance)
+        # CLIP has never seen the subject token: score against the class word (class_word_prompt)
+        text_prompt = class_word_prompt(meta["prompt"], meta.get("subject_category"))
+        sims = score_views(self.encoder, frames, refs, text_prompt, self.distance)
         result = {
             **{k: v for k, v in meta.items() if k != "cameras"},
             "status": "scored",
@@ -416,6 +426,7 @@ class ScoreSamples:
             # appendix Table A3: points COLMAP triangulated with the requested cameras
             "colmap_points": pose.num_points,
             **sims,
+            "text_alignment_prompt": text_prompt,
             "score_seconds": time.perf_counter() - t0,
         }
         _write_png(f"{out}/trajectory.png", trajectory_plot(cams, pose.recovered, pose.registered_frames))

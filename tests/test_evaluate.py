@@ -128,6 +128,12 @@ def test_evaluation_job_generates_scores_reports_and_resumes(
     ok = results[results.status == "scored"]
     for m in ("pose_accuracy", "multiview_consistency", "identity", "text_alignment"):
         assert ok[m].notna().all()
+    # text alignment is scored against the class word (CLIP has never seen the subject token)
+    from mvcustom.metrics import class_word_prompt
+
+    for r in ok.itertuples():
+        assert r.subject_category in ("car", "teddybear") and "<sks>" not in r.text_alignment_prompt
+        assert r.text_alignment_prompt == class_word_prompt(r.prompt, r.subject_category)
     assert (ok.colmap_points >= 0).all() and ok.peak_gpu_memory_gib.isna().all()  # CPU: no GPU figure
     # 32x32 frames of a random model do not reconstruct: scored 0 and flagged, not dropped
     assert (ok.pose_accuracy[ok.pose_failed] == 0).all()

@@ -277,3 +277,16 @@ def test_metrics_import_stays_light():
         "if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_text_alignment_scores_the_class_word_not_the_subject_token():
+    from mvcustom.metrics import class_word_prompt
+
+    assert (
+        class_word_prompt("a photo of a <sks> teddybear in a garden", "teddybear")
+        == "a photo of a teddybear in a garden"
+    )
+    assert class_word_prompt("a photo of <sks>", "car") == "a photo of car"
+    assert class_word_prompt("<sks> on a beach", None) == "on a beach"
+    assert class_word_prompt("a plain prompt", "car") == "a plain prompt"
+    assert class_word_prompt("a <sks> Teddybear", "teddybear") == "a Teddybear"

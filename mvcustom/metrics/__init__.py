@@ -11,11 +11,18 @@ Heavy dependencies (pycolmap, transformers) are imported inside the functions th
 
 from mvcustom.metrics.features import ImageTextEncoder
 from mvcustom.metrics.pose import PoseScore, default_sfm_config, pose_accuracy
-from mvcustom.metrics.similarity import identity_distance, multiview_consistency, score_views, text_alignment
+from mvcustom.metrics.similarity import (
+    class_word_prompt,
+    identity_distance,
+    multiview_consistency,
+    score_views,
+    text_alignment,
+)
 
 __all__ = [
     "ImageTextEncoder",
     "PoseScore",
+    "class_word_prompt",
     "default_sfm_config",
     "identity_distance",
     "multiview_consistency",

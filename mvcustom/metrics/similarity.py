@@ -19,6 +19,8 @@ inputs are re-normalised here, so any ``(N, D)`` features work. Units are raw co
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -85,6 +87,24 @@ def text_alignment(image_features: Tensor, text_feature: Tensor) -> float:
     if t.shape[1] != e.shape[1]:
         raise ValueError(f"image_features have D={e.shape[1]} but text_feature D={t.shape[1]}")
     return float((e @ t[0]).mean())
+
+
+_TOKEN = re.compile(r"<[^<>\s]+>")
+
+
+def class_word_prompt(prompt: str, class_word: str | None) -> str:
+    """The prompt CLIP scores text alignment against: the subject token (``<sks>``; CLIP has
+    never seen it) replaced by the class word, as personalization papers score it (DreamBooth,
+    CustomDiffusion). A token already followed by the class word is dropped ("a <sks> teddybear"
+    -> "a teddybear"); without a class word the token is dropped."""
+    word = (class_word or "").strip()
+
+    def swap(m: re.Match) -> str:
+        rest = prompt[m.end() :].lstrip()
+        follows = bool(word) and rest.lower().startswith(word.lower())
+        return "" if follows or not word else word
+
+    return re.sub(r"\s+", " ", _TOKEN.sub(swap, prompt)).strip()
 
 
 def score_views(
