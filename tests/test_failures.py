@@ -229,12 +229,23 @@ def test_flaky_storage_loses_nothing_and_a_persistent_fault_fails_the_job(
         assert "EXIT 0" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
         got = pq.read_table(out / "manifest.parquet").to_pylist()
         want = pq.read_table(clean / "manifest.parquet").to_pylist()
-        assert sorted(r["key"] for r in got) == sorted(r["key"] for r in want) and got
-
-        def error_ids(folder):
-            return sorted((r["id"], r["stage"]) for r in pq.read_table(folder / "errors.parquet").to_pylist())
-
-        assert error_ids(out) == error_ids(clean)  # the sample data's own bad records, nothing more
+        errors = pq.read_table(out / "errors.parquet").to_pylist()
+        # no injected fault ever became an error row: every row is the sample data's own bad input
+        assert not [r for r in errors if "timeout" in r["reason"].lower()], errors
+        # every input is accounted for, once: a clip or an error row (WebVid clips go through
+        # pycolmap, whose RANSAC can register a borderline clip in one run and not the next, so
+        # the clip/error split of WebVid is not compared, only the whole)
+        accounted = sorted([r["source_id"] for r in got] + [r["id"] for r in errors if r["stage"] != "csv"])
+        clean_errors = pq.read_table(clean / "errors.parquet").to_pylist()
+        expected = sorted(
+            [r["source_id"] for r in want] + [r["id"] for r in clean_errors if r["stage"] != "csv"]
+        )
+        assert accounted == expected and got
+        if source == "co3d":  # deterministic: exactly the clean run's clips and error rows
+            assert sorted(r["key"] for r in got) == sorted(r["key"] for r in want)
+            assert sorted((r["id"], r["stage"]) for r in errors) == sorted(
+                (r["id"], r["stage"]) for r in clean_errors
+            )
     assert len(list(state.iterdir())) > 20  # the faults really fired (one per file opened)
 
     # a persistent fault on one CO3D sequence: its shard fails, the job says so and exits 1
