@@ -428,7 +428,8 @@ def test_launcher_settings():
 
 
 def test_node_secrets_writes_private_files_from_secrets_manager(tmp_path, monkeypatch):
-    moto = pytest.importorskip("moto")
+    import moto  # pinned (test extra): a broken install must fail, not skip
+
     spec = importlib.util.spec_from_file_location("node_secrets", INFRA / "launcher" / "node_secrets.py")
     node_secrets = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(node_secrets)

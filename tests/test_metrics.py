@@ -54,7 +54,6 @@ def cpa_views():
 
 
 def test_pose_accuracy_of_ground_truth_views(cpa_views):
-    pytest.importorskip("pycolmap")
     frames, cams = cpa_views
     s = pose_accuracy(frames, cams)
     assert not s.failed and s.reason is None
@@ -72,7 +71,6 @@ def test_pose_accuracy_of_ground_truth_views(cpa_views):
 
 
 def test_pose_accuracy_drops_for_shuffled_views(cpa_views):
-    pytest.importorskip("pycolmap")
     frames, cams = cpa_views
     assert all(i != p for i, p in enumerate(SHUFFLE))
     err = relative_pose_errors(cams[SHUFFLE], cams)  # what a perfect reconstruction would score
@@ -85,7 +83,6 @@ def test_pose_accuracy_drops_for_shuffled_views(cpa_views):
 
 
 def test_pose_accuracy_counts_unregistered_frames_as_failed_pairs(cpa_views):
-    pytest.importorskip("pycolmap")
     frames, cams = cpa_views
     frames = frames.copy()
     frames[[0, 7]] = 127  # featureless: SfM cannot register them
@@ -98,7 +95,6 @@ def test_pose_accuracy_counts_unregistered_frames_as_failed_pairs(cpa_views):
 
 
 def test_pose_accuracy_of_blank_frames_fails_with_zero():
-    pytest.importorskip("pycolmap")
     cams = _arc(8, 105.0, (96, 128))
     s = pose_accuracy(np.full((8, 96, 128, 3), 200, np.uint8), cams)
     assert s.failed and s.score == 0.0 and s.registered == 0

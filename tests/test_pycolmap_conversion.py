@@ -14,7 +14,8 @@ from mvcustom.geometry import align_cameras, cameras_from_pycolmap, make_traject
 
 @pytest.mark.slow
 def test_sfm_of_rendered_views_matches_ground_truth(tmp_path):
-    pycolmap = pytest.importorskip("pycolmap")
+    import pycolmap  # pinned: a broken install must fail here, not skip
+
     H, W = 240, 320
     true = make_trajectory(
         "arc", 10, span_deg=50, radius=2.0, elevation_deg=20, target=(0, 0, 0.35), image_hw=(H, W), fov_deg=60
