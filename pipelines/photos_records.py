@@ -8,11 +8,16 @@ subject, named after the folder)::
       my_mug/     IMG_0001.jpg ... IMG_0024.jpg   caption.txt ("a photo of a mug", optional)
       my_dog/     ...
 
-Each subject becomes one clip sample of the shard schema: its photos, centre-cropped to the
-clip's aspect and resized, posed by pycolmap SfM with **exhaustive** matching (photos have no
-order, so sequential matching would miss most pairs) and a shared focal; photos the
-reconstruction does not register are dropped (interpolating a pose between unordered photos would
-be meaningless) and listed in ``json["dropped_photos"]``. The scene is normalised as CO3D clips
+Each subject becomes one clip sample of the shard schema. Its photos are posed by pycolmap SfM
+at their **original** resolution (upright per EXIF), with **exhaustive** matching (photos have no
+order, so sequential matching would miss most pairs) and one focal shared by photos of one size
+(one per photo when sizes differ); then each is centre-cropped to the clip's aspect and resized,
+and its camera is cropped and scaled with it (``Cameras.crop_resize``: the same pixels, exactly).
+Posing the originals keeps the features a crop would cut off and the resolution a resize would
+lose. Photos the reconstruction does not register are dropped (interpolating a pose between
+unordered photos would be meaningless) and listed in ``json["dropped_photos"]``; a subject with
+fewer than ``photos.min_photos`` registered photos is an error record (the minimum stage 2 needs:
+``clip.num_frames + data.num_references`` frames per sample, checked again when training starts). The scene is normalised as CO3D clips
 are (``pipelines.co3d_records.normalize_scene``: first camera's frame, mean distance to the
 look-at point 1), so stage 2's FeatureNeRF bounds apply unchanged. Depth comes from ZoeDepth
 when ``estimate_depth`` is on; there are no foreground masks, so stage 2 trains without its
@@ -33,7 +38,7 @@ from PIL import Image, ImageOps
 from mvcustom.configs.preprocess import PreprocessConfig
 from mvcustom.data.schema import ClipSample, make_key
 from mvcustom.data.storage import read_bytes
-from mvcustom.geometry import Cameras, center_crop_box
+from mvcustom.geometry import center_crop_box
 from pipelines.co3d_records import normalize_scene
 from pipelines.errors import RecordError, TransientError, is_transient
 from pipelines.webvid_records import camera_motion
@@ -98,26 +103,31 @@ def list_photo_items(
     return items, errors
 
 
-def load_photo(url: str, height: int, width: int) -> np.ndarray:
-    """A photo upright (EXIF orientation applied), centre-cropped to ``width/height`` and resized."""
-    im = ImageOps.exif_transpose(Image.open(io.BytesIO(read_bytes(url)))).convert("RGB")
-    x0, y0, cw, ch = center_crop_box(im.height, im.width, height, width)
-    return np.asarray(im.crop((x0, y0, x0 + cw, y0 + ch)).resize((width, height), Image.BICUBIC))
+def load_photo(url: str) -> np.ndarray:
+    """A photo upright (EXIF orientation applied), RGB, at its original resolution."""
+    return np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(read_bytes(url)))).convert("RGB"))
+
+
+def crop_photo(photo: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Centre-crop to ``width/height`` and resize (the box :func:`center_crop_box` gives)."""
+    x0, y0, cw, ch = center_crop_box(photo.shape[0], photo.shape[1], height, width)
+    im = Image.fromarray(photo).crop((x0, y0, x0 + cw, y0 + ch))
+    return np.asarray(im.resize((width, height), Image.BICUBIC))
 
 
 def build_photos_clip(item: PhotoItem, cfg: PreprocessConfig) -> ClipSample:
-    """Load, pose (exhaustive SfM), normalise one subject's photos into a clip sample."""
+    """Load, pose (exhaustive SfM on the originals), crop and normalise one subject's photos."""
     from mvcustom.geometry.sfm import run_sfm
 
     H, W = cfg.clip.height, cfg.clip.width
     try:
-        frames = np.stack([load_photo(p, H, W) for p in item.photos])
+        originals = [load_photo(p) for p in item.photos]
     except Exception as e:
         if is_transient(e):
             raise TransientError(f"reading the photos of {item.id}: {type(e).__name__}: {e}") from e
         raise RecordError("read", f"{type(e).__name__}: {e}") from None
     try:
-        res = run_sfm(frames, dataclasses.replace(cfg.sfm, matcher="exhaustive"))
+        res = run_sfm(originals, dataclasses.replace(cfg.sfm, matcher="exhaustive"))
     except Exception as e:
         if is_transient(e):
             raise TransientError(f"SfM of {item.id}: {type(e).__name__}: {e}") from e
@@ -125,9 +135,14 @@ def build_photos_clip(item: PhotoItem, cfg: PreprocessConfig) -> ClipSample:
     if not res.ok:
         raise RecordError("sfm", res.reason)
     keep = sorted(res.registered_frames)
-    if len(keep) < 2:
-        raise RecordError("sfm", f"only {len(keep)} photo(s) registered")
-    cams = Cameras(res.cameras.w2c[keep], res.cameras.K[keep], (H, W))
+    need = cfg.photos.min_photos
+    if len(keep) < need:
+        raise RecordError(
+            "sfm", f"{len(keep)} of {len(originals)} photos registered, fewer than photos.min_photos={need}"
+        )
+    boxes = torch.tensor([center_crop_box(*originals[i].shape[:2], H, W) for i in keep])
+    cams = res.cameras[keep].crop(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]).resize(H, W)
+    frames = np.stack([crop_photo(originals[i], H, W) for i in keep])
     try:
         cams, scale = normalize_scene(cams)
     except ValueError as e:
@@ -139,7 +154,7 @@ def build_photos_clip(item: PhotoItem, cfg: PreprocessConfig) -> ClipSample:
         "caption": item.caption,
         "frame_indices": keep,
         "fps": None,
-        "original_size_hw": None,
+        "original_size_hw": [list(originals[i].shape[:2]) for i in keep],
         "stored_size_hw": [H, W],
         "depth_source": None,
         "depth_units": None,
@@ -154,7 +169,7 @@ def build_photos_clip(item: PhotoItem, cfg: PreprocessConfig) -> ClipSample:
         key=make_key("photos", item.id, 0),
         meta=meta,
         caption=item.caption,
-        frames=np.ascontiguousarray(frames[keep]),
+        frames=np.ascontiguousarray(frames),
         intrinsics=cams.K.to(torch.float32).numpy(),
         extrinsics=cams.w2c.to(torch.float32).numpy(),
     )

@@ -18,16 +18,24 @@ from mvcustom.geometry.align import relative_pose_errors
 from mvcustom.geometry.camera import look_at_point
 from mvcustom.geometry.trajectories import arc
 
-HW = (144, 192)
+HW = (144, 144)  # the stored clip: square crops of the 4:3 originals
+ORIGINAL_HW = (240, 320)
 
 
 @pytest.fixture(scope="module")
 def photo_folder(tmp_path_factory):
-    """8 photos of a car on a 105-degree arc under shuffled camera-roll names, a caption, and a
-    second subject with too few photos; plus the true cameras in photo-name order."""
+    """8 photos (240x320, cropped to 144x144 clips) of a car on a 105-degree arc under shuffled
+    camera-roll names, a caption, and a second subject with too few photos; plus the true cameras
+    of the originals in photo-name order."""
     root = tmp_path_factory.mktemp("photos")
     cams = arc(
-        8, span_deg=105.0, radius=2.0, elevation_deg=20.0, image_hw=HW, target=(0.0, 0.0, 0.35), fov_deg=60.0
+        8,
+        span_deg=105.0,
+        radius=2.0,
+        elevation_deg=20.0,
+        image_hw=ORIGINAL_HW,
+        target=(0.0, 0.0, 0.35),
+        fov_deg=60.0,
     )
     rgb = render(make_scene("car", 3, 3), cams).rgb.numpy()
     order = list(range(8))
@@ -52,6 +60,7 @@ def _config(root, out, zoe) -> PreprocessConfig:
             "input": str(root),
             "output": str(out),
             "clip": {"height": HW[0], "width": HW[1]},
+            "photos": {"min_photos": 6},  # the debug stage 2: 4 frames + 2 references
             "depth": {"model": zoe},
         },
         "test",
@@ -89,8 +98,12 @@ def test_photos_are_posed_sharded_and_train_stage2(photo_folder, tiny_zoedepth, 
     # normalised like CO3D clips: first camera at the origin, mean distance to the look-at point 1
     assert torch.allclose(got.w2c[0], torch.eye(4, dtype=torch.float64), atol=1e-5)
     assert float((got.centers - look_at_point(got)).norm(dim=-1).mean()) == pytest.approx(1.0, abs=1e-4)
-    # focal estimated by bundle adjustment close to the true one
-    assert float(got.K[0, 0, 0]) == pytest.approx(float(true.K[0, 0, 0]), rel=0.05)
+    # SfM posed the originals, then each camera was cropped and scaled with its photo: the focal
+    # estimated by bundle adjustment and the principal point match the true ones of the crops
+    expected = true[views].crop_resize(*HW)
+    assert meta["original_size_hw"] == [list(ORIGINAL_HW)] * len(views)
+    assert float(got.K[0, 0, 0]) == pytest.approx(float(expected.K[0, 0, 0]), rel=0.05)
+    assert torch.allclose(got.K[:, :2, 2], expected.K[:, :2, 2], atol=1e-3)
 
     # stage 2 trains on the photo shard (tiny model; no masks: the mask terms are skipped)
     from mvcustom.configs import TrainConfig
@@ -110,6 +123,30 @@ def test_photos_are_posed_sharded_and_train_stage2(photo_folder, tiny_zoedepth, 
     )
     trained = run_local(cfg)
     assert trained["step"] == 2 and np.isfinite(trained["history"]).all()
+    # the sd15 stage 2 draws 16 + 5 frames per sample: the job refuses this 8-photo clip up front
+    from mvcustom.training.data import check_clip_lengths
+
+    check_clip_lengths(cfg)
+    cfg.clip.num_frames = 16
+    cfg.data.num_references = 5
+    with pytest.raises(ValueError, match=r"fewer than the 21 frames .*photos.min_photos >= that"):
+        check_clip_lengths(cfg)
+
+
+def test_photos_minimum_is_applied_to_registered_photos(photo_folder, tiny_zoedepth, tmp_path):
+    """photos.min_photos counts the photos SfM registered: 8 photos under a minimum of 9 are an
+    error record naming it (with the default 21, the sd15 stage 2's need, too)."""
+    from mvcustom.configs.preprocess import PhotosInputConfig
+    from pipelines.errors import RecordError
+    from pipelines.photos_records import build_photos_clip, list_photo_items
+
+    assert PhotosInputConfig().min_photos == 21
+    root, _, _ = photo_folder
+    cfg = _config(root, tmp_path / "out", tiny_zoedepth)
+    (item,), _ = list_photo_items(str(root), 2, 64, "a photo of a {name}", ["my_car"])
+    cfg.photos.min_photos = 9
+    with pytest.raises(RecordError, match=r"of 8 photos registered, fewer than photos.min_photos=9"):
+        build_photos_clip(item, cfg)
 
 
 def test_photo_listing_rejects_an_empty_folder(tmp_path):

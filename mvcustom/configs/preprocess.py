@@ -79,13 +79,17 @@ class PhotosInputConfig:
     """A folder of a user's own photos per subject (``source: photos``; pipelines/photos_records.py).
 
     Attributes:
-        min_photos: a subject with fewer photos is an error record.
+        min_photos: a subject with fewer photos, or fewer registered by SfM, is an error record.
+            It is the one minimum of the photos path: stage 2 draws ``clip.num_frames +
+            data.num_references`` frames from the clip per sample (the sd15 configs: 16 + 5 = 21,
+            the default; the debug configs: 4 + 2 = 6), and ``jobs.train`` refuses shards whose
+            clips hold fewer, naming them, before any worker starts.
         max_photos: at most this many photos per subject (sorted by name).
         caption_template: caption when the folder has no ``caption.txt`` (``{name}``: folder name).
         subjects: subject folders to keep (empty: all).
     """
 
-    min_photos: int = 6
+    min_photos: int = 21
     max_photos: int = 64
     caption_template: str = "a photo of a {name}"
     subjects: list[str] = field(default_factory=list)

@@ -71,7 +71,8 @@ class SfmResult:
 
 
 def _interpolate_missing(cams: Cameras, positions: list[int], total: int) -> tuple[Cameras, list[int]]:
-    """Fill poses of unregistered frames from their registered neighbours (same intrinsics)."""
+    """Fill poses of unregistered frames from their registered neighbours; each takes the
+    intrinsics and size of its nearest registered frame (all equal with one shared camera)."""
     from scipy.spatial.transform import Rotation, Slerp
 
     have = np.array(positions)
@@ -85,17 +86,18 @@ def _interpolate_missing(cams: Cameras, positions: list[int], total: int) -> tup
     w2c = np.tile(np.eye(4), (total, 1, 1))
     w2c[:, :3, :3] = R_all
     w2c[:, :3, 3] = -np.einsum("nij,nj->ni", R_all, C_all)
-    K = cams.K[0].expand(total, 3, 3)
-    return Cameras(torch.from_numpy(w2c), K, cams.image_hw[0]), missing
+    nearest = torch.as_tensor(np.abs(t_all[:, None] - have[None, :]).argmin(1))
+    return Cameras(torch.from_numpy(w2c), cams.K[nearest], cams.image_hw[nearest]), missing
 
 
 def run_sfm(
-    frames: np.ndarray,
+    frames: np.ndarray | list[np.ndarray],
     cfg: SfmConfig,
     workdir: str | None = None,
     intrinsics: torch.Tensor | np.ndarray | None = None,
 ) -> SfmResult:
-    """Run SfM on ``frames (N, H, W, 3)`` uint8 RGB.
+    """Run SfM on ``frames``: ``(N, H, W, 3)`` uint8 RGB, or a list of ``(H_i, W_i, 3)`` images
+    of different sizes (photos at their original resolution).
 
     Args:
         frames: the clip, in order.
@@ -103,17 +105,21 @@ def run_sfm(
         workdir: parent folder of the temporary COLMAP workspace (default: the system's).
         intrinsics: optional ``(3, 3)`` pinhole ``K`` in pixels of ``frames``, shared by every
             frame. Given, COLMAP uses a fixed PINHOLE camera (focal not refined by bundle
-            adjustment); ``None`` (default) estimates one shared SIMPLE_PINHOLE focal.
+            adjustment); ``None`` (default) estimates one shared SIMPLE_PINHOLE focal, or one
+            focal per image when the images differ in size (COLMAP's per-image cameras).
     """
     import pycolmap
 
     pycolmap.logging.minloglevel = 2  # errors only: per-image INFO lines would flood worker logs
-    n = int(frames.shape[0])
+    n = len(frames)
+    one_size = len({tuple(fr.shape[:2]) for fr in frames}) == 1
     K = None
     if intrinsics is not None:
         K = torch.as_tensor(intrinsics, dtype=torch.float64)
         if K.shape != (3, 3):
             raise ValueError(f"intrinsics must be one (3, 3) K shared by the frames, got {tuple(K.shape)}")
+        if not one_size:
+            raise ValueError("shared intrinsics need frames of one size; these differ in size")
     with tempfile.TemporaryDirectory(dir=workdir) as d:
         img_dir = Path(d) / "images"
         img_dir.mkdir()
@@ -133,7 +139,7 @@ def run_sfm(
         pycolmap.extract_features(
             db,
             img_dir,
-            camera_mode=pycolmap.CameraMode.SINGLE,
+            camera_mode=pycolmap.CameraMode.SINGLE if one_size else pycolmap.CameraMode.PER_IMAGE,
             reader_options=reader,
             extraction_options=extraction,
             device=cpu,

@@ -43,9 +43,10 @@ def matches_subject(subject: str, wanted: str) -> bool:
     return subject == wanted or subject.rsplit("/", 1)[-1] == wanted
 
 
-def subjects_in(shards: list[str] | str) -> dict[str, int]:
-    """Clips per subject in ``shards``, from the ``manifest.parquet`` beside them (every shard
-    folder written by ``jobs.preprocess`` has one)."""
+def manifest_rows(shards: list[str] | str, columns: list[str], missing_ok: bool = False) -> list[dict]:
+    """The ``manifest.parquet`` rows (``columns`` plus ``shard``) of ``shards``' clips (every
+    shard folder written by ``jobs.preprocess`` has one beside its tars; ``missing_ok``: a
+    folder without one contributes no rows)."""
     import fsspec
     import pyarrow.parquet as pq
 
@@ -53,22 +54,54 @@ def subjects_in(shards: list[str] | str) -> dict[str, int]:
     for url in expand_shards(shards):
         folder, name = url.rsplit("/", 1)
         by_folder.setdefault(folder, set()).add(name)
-    counts: dict[str, int] = {}
+    out: list[dict] = []
     for folder, names in sorted(by_folder.items()):
         try:
             with fsspec.open(f"{folder}/manifest.parquet", "rb") as f:
-                rows = pq.read_table(f, columns=["shard", "source", "source_id"]).to_pylist()
+                rows = pq.read_table(f, columns=sorted({"shard", *columns})).to_pylist()
         except FileNotFoundError:
+            if missing_ok:
+                continue
             raise ValueError(
-                f"no manifest.parquet beside the shards in {folder}: stage 2 reads it to know which subjects "
-                "the data holds (jobs.preprocess writes one into every output folder)"
+                f"no manifest.parquet beside the shards in {folder}: training reads it to know which "
+                "subjects and clips the data holds (jobs.preprocess writes one into every output folder)"
             ) from None
-        for r in rows:
-            if r["shard"] in names:
-                sid = r["source_id"].rsplit("/", 1)[0] if r["source"] == "co3d" else r["source_id"]
-                key = sid if r["source"] == "co3d" else f"{r['source']}/{sid}"
-                counts[key] = counts.get(key, 0) + 1
+        out += [r for r in rows if r["shard"] in names]
+    return out
+
+
+def subjects_in(shards: list[str] | str) -> dict[str, int]:
+    """Clips per subject in ``shards``, from their manifests."""
+    counts: dict[str, int] = {}
+    for r in manifest_rows(shards, ["source", "source_id"]):
+        sid = r["source_id"].rsplit("/", 1)[0] if r["source"] == "co3d" else r["source_id"]
+        key = sid if r["source"] == "co3d" else f"{r['source']}/{sid}"
+        counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def frames_needed(cfg) -> int:
+    """Frames one training sample draws from a clip: the target frames, plus at stage 2 the
+    reference views (the photos path's ``photos.min_photos`` must be at least this)."""
+    return cfg.clip.num_frames + (cfg.data.num_references if cfg.stage == "customize" else 0)
+
+
+def check_clip_lengths(cfg) -> None:
+    """Refuse shards holding clips too short for one sample (before any worker starts; shards
+    without a manifest are checked per sample as they are read)."""
+    need = frames_needed(cfg)
+    rows = manifest_rows(cfg.shards, ["key", "num_frames"], missing_ok=True)
+    short = [r for r in rows if r["num_frames"] < need]
+    if short:
+        listed = ", ".join(f"{r['key']} ({r['num_frames']})" for r in short[:5])
+        more = f" and {len(short) - 5} more" if len(short) > 5 else ""
+        refs = f" + data.num_references={cfg.data.num_references}" if cfg.stage == "customize" else ""
+        raise ValueError(
+            f"{len(short)} clip(s) in the shards have fewer than the {need} frames a sample draws "
+            f"(clip.num_frames={cfg.clip.num_frames}{refs}): {listed}{more}. Preprocess more frames "
+            "per clip (photos: photos.min_photos >= that; CO3D/WebVid: clip.num_frames) or lower "
+            "clip.num_frames / data.num_references"
+        )
 
 
 def check_subject(cfg) -> list[str]:

@@ -154,6 +154,9 @@ def run_training(cfg) -> dict:
     resume = latest_checkpoint(cfg.output)
     if resume:
         check_resume(cfg, resume)
+    from mvcustom.training.data import check_clip_lengths
+
+    check_clip_lengths(cfg)
     subjects = None
     if cfg.stage == "customize":
         from mvcustom.training.data import check_subject
