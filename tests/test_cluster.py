@@ -375,7 +375,7 @@ def test_debug_jobs_run_on_both_nodes(cluster, sample_data, tiny_zoedepth, tmp_p
     assert (
         json.loads((Path(latest_checkpoint(str(run))) / "mvcustom_checkpoint.json").read_text())["step"] == 4
     )
-    assert (run / "export" / "mvcustom_config.json").exists()
+    assert (run / "export" / "model_index.json").exists()
     workers = [a for a in cluster.state("actors", sid) if a["class_name"] == "RayTrainWorker"]
     assert {a["node_id"] for a in workers} == nodes, "one training worker on each node"
 
@@ -497,7 +497,7 @@ def test_fault_drills_kill_the_worker_node_mid_job(cluster, sample_data, tmp_pat
     assert sorted(steps) == list(range(1, 7)), steps
     final = Path(latest_checkpoint(str(run))) / "mvcustom_checkpoint.json"
     assert json.loads(final.read_text())["step"] == 6
-    assert (run / "export" / "mvcustom_config.json").exists()
+    assert (run / "export" / "model_index.json").exists()
     with capsys.disabled():
         print("\nfault drill figures:", json.dumps(figures))
 

@@ -36,7 +36,7 @@ def test_demo_job_runs_on_debug_data(tmp_path, capsys, ray_local):
 
     for stage in ("backbone", "customize"):
         t = summary["training"][stage]
-        assert (tmp_path / "demo" / "runs" / stage / "export" / "model.safetensors").exists()
+        assert (tmp_path / "demo" / "runs" / stage / "export" / "model_index.json").exists()
         assert client.get_run(t["mlflow_run_id"]).data.params["deepspeed.zero_stage"] == "2"
     # stage 2 customized one named subject, and says which (console, summary, MLflow tag)
     subject = summary["subject"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -399,14 +400,49 @@ def test_save_load_round_trip(tiny_model, tmp_path):
         a = model(latents, torch.tensor([50]), text, cams, refs, radius=1).sample
         b = loaded(latents, torch.tensor([50]), text, cams, refs, radius=1).sample
     assert torch.equal(a, b)
-    # the UNet alone stays a stock diffusers model
-    from diffusers import UNetMotionModel
+    with pytest.raises(FileNotFoundError, match="no model_index.json with an 'mvcustom' component"):
+        MVCustomModel.from_pretrained(str(tmp_path / "m" / "unet"))
 
-    model.unet.save_pretrained(str(tmp_path / "unet"))
-    unet = UNetMotionModel.from_pretrained(str(tmp_path / "unet"))
-    assert torch.equal(unet.state_dict()["conv_in.weight"], state["unet.conv_in.weight"])
-    with pytest.raises(FileNotFoundError, match="mvcustom_config.json"):
-        MVCustomModel.from_pretrained(str(tmp_path / "unet"))
+
+def test_export_is_a_diffusers_pipeline_folder(tiny_model, tmp_path):
+    """The export loads in stock diffusers: DiffusionPipeline.from_pretrained gives an
+    AnimateDiffPipeline with our image + motion layers, load_textual_inversion adds the subject
+    token, the pipeline generates; the additions load as their own component."""
+    import json
+
+    from diffusers import AnimateDiffPipeline, DiffusionPipeline
+
+    from mvcustom.models import MVCustomAdditions
+    from mvcustom.models.text import subject_vectors
+
+    model = copy.deepcopy(tiny_model)
+    randomize(model.pose_blocks["4"].fuse, seed=3)
+    folder = tmp_path / "export"
+    model.save_pretrained(str(folder))
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "AnimateDiffPipeline" and index["mvcustom"][1] == "MVCustomAdditions"
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "mvcustom"):
+        assert (folder / sub).is_dir(), sub
+    assert (folder / "learned_embeds.safetensors").is_file()
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    assert isinstance(pipe, AnimateDiffPipeline)
+    ours = model.state_dict()
+    stock_unet = pipe.unet.state_dict()
+    assert stock_unet.keys() == {k[len("unet.") :] for k in ours if k.startswith("unet.")}
+    assert all(torch.equal(v, ours[f"unet.{k}"]) for k, v in stock_unet.items())
+    base = model.text_encoder.get_input_embeddings().base.weight
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, base)  # no subject rows
+    pipe.load_textual_inversion(str(folder))
+    token_id = pipe.tokenizer.convert_tokens_to_ids("<sks>")
+    vector = subject_vectors(model.tokenizer, model.text_encoder)["<sks>"]
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id], vector)
+    out = pipe("a photo of <sks>", num_frames=2, num_inference_steps=2, height=64, width=64, output_type="np")
+    assert np.asarray(out.frames).shape == (1, 2, 64, 64, 3)
+
+    additions = MVCustomAdditions.from_pretrained(str(folder), subfolder="mvcustom")
+    for k, v in additions.state_dict().items():
+        assert torch.equal(v, ours[k]), k
 
 
 def test_from_sd15_and_motion_adapter_folders(tmp_path):
@@ -481,6 +517,74 @@ def test_build_model_from_config_and_stage2_start(tmp_path):
     assert torch.allclose(s2[extra[0]][0], base[ids].mean(0))
     with pytest.raises(FileNotFoundError, match="not a folder"):
         MVCustomModel.from_pretrained("memory://exports/none")
+
+
+def test_one_model_config_refuses_conflicts_and_applies_runtime_fields():
+    """ModelConfig and MVCustomConfig share ArchitectureConfig's fields; loading a saved model
+    under a config refuses a differing shape field (naming it) and applies the runtime ones."""
+    from dataclasses import fields
+
+    from mvcustom.configs.model import RUNTIME_FIELDS, SHAPE_FIELDS, ArchitectureConfig
+    from mvcustom.configs.train import ModelConfig
+    from mvcustom.models import build_model
+
+    arch = {f.name for f in fields(ArchitectureConfig)}
+    assert arch == set(SHAPE_FIELDS) | set(RUNTIME_FIELDS)
+    assert arch <= {f.name for f in fields(ModelConfig)} and arch <= {f.name for f in fields(MVCustomConfig)}
+    saved = ModelConfig(featurenerf_blocks=[4], camera_encoder=False, nerf_samples=8)
+    build_model(saved).save_pretrained("memory://exports/arch")
+    for key, value in (("camera_encoder", True), ("featurenerf_blocks", [4, 5]), ("nerf_hidden", 32)):
+        wanted = ModelConfig(**{**saved.architecture(), key: value})
+        with pytest.raises(ValueError, match=rf"model\.{key}=.*conflicts"):
+            build_model(wanted, init_from="memory://exports/arch")
+    with pytest.raises(ValueError, match="model.prediction_type='v_prediction' conflicts"):
+        build_model(
+            ModelConfig(**saved.architecture(), prediction_type="v_prediction"),
+            init_from="memory://exports/arch",
+        )
+    runtime = ModelConfig(
+        **{**saved.architecture(), "nerf_samples": 5, "near": 0.5, "far": 3.0, "stt_tile": 2}
+    )
+    model = build_model(runtime, init_from="memory://exports/arch")
+    nerf = model.pose_blocks["4"].nerf
+    assert (nerf.num_samples, nerf.near, nerf.far, model.config.stt_tile) == (5, 0.5, 3.0, 2)
+
+
+def test_featurenerf_loss_terms_known_answer():
+    """fg opacity, bg alpha and rendered-RGB terms on a case computed by hand."""
+    from mvcustom.configs.model import LossConfig
+    from mvcustom.models.featurenerf import RenderOutput
+    from mvcustom.models.objective import featurenerf_losses
+
+    B, Fr, h, w = 1, 2, 4, 4
+    mask = torch.zeros(B, Fr, 8, 8)
+    mask[..., :4] = 1.0  # left half is the subject
+    frames = torch.full((B, Fr, 3, 8, 8), 0.5)
+    render = RenderOutput(
+        features=torch.zeros(B, Fr, 2, h, w),
+        depth=torch.ones(B, Fr, h, w),
+        opacity=torch.full((B, Fr, h, w), 0.75),
+        rgb=torch.full((B, Fr, 3, h, w), 0.5),
+    )
+    terms = featurenerf_losses({4: render, 7: render}, mask, frames)
+    assert terms["fg_opacity"].item() == pytest.approx(0.25**2)  # (0.75 - 1)^2 on the subject
+    assert terms["bg_alpha"].item() == pytest.approx(0.75)  # |0.75| off it
+    assert terms["rgb"].item() == pytest.approx(0.5 * 0.25)  # half the pixels: (0.5 - 0)^2
+    w8 = LossConfig()
+    assert (w8.fg_opacity, w8.bg_alpha, w8.rgb) == (10.0, 10.0, 5.0)  # CD360's weights
+
+
+def test_rendered_rgb_follows_the_density_weights():
+    """The rendered colour is the volume-rendered per-point colour: at opacity 0 it is 0."""
+    from mvcustom.models.featurenerf import volume_render
+
+    density = torch.tensor([[0.0, 0.0, 1e4, 0.0]])
+    colours = torch.tensor([[[1.0], [1.0], [-0.5], [1.0]]])
+    rendered, depth, opacity = volume_render(density, colours, torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    assert opacity.item() == pytest.approx(1.0) and rendered.item() == pytest.approx(-0.5)
+    assert depth.item() == pytest.approx(3.0)
+    empty, _, zero = volume_render(torch.zeros(1, 4), colours, torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    assert zero.item() == 0 and empty.item() == 0
 
 
 def test_bf16_forward_with_every_branch(tiny_model):

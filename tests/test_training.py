@@ -220,9 +220,9 @@ def _stopping_context(output: str, stop_step: int):
 
 
 def _exported_state(folder: str) -> dict:
-    from safetensors.torch import load_file
+    from mvcustom.models import MVCustomModel
 
-    return load_file(f"{folder}/model.safetensors")
+    return MVCustomModel.from_pretrained(folder).state_dict()
 
 
 def test_stop_and_resume_matches_an_uninterrupted_run(train_shards, tmp_path):

@@ -7,11 +7,20 @@ from typing import Literal
 
 from mvcustom.configs.base import check
 from mvcustom.configs.common import ClipConfig, MlflowConfig, RayConfig
+from mvcustom.configs.model import ArchitectureConfig, LossConfig
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(ArchitectureConfig):
     """Which model is built (``mvcustom.models.build_model``).
+
+    The architecture fields (``camera_encoder``, ``camera_encoder_blocks``,
+    ``camera_encoder_heads``, ``featurenerf_blocks``, ``nerf_hidden``, ``nerf_samples``, ``near``,
+    ``far``, ``stt_tile``) are :class:`mvcustom.configs.model.ArchitectureConfig`'s, the same
+    definition the model library builds from. When a saved model is loaded (``init_from``, or
+    ``pretrained`` naming an ``MVCustomModel`` folder), a shape field that differs from the saved
+    model's is refused naming the key, and the runtime fields (``nerf_samples``, ``near``,
+    ``far``, ``stt_tile``) are applied over the saved ones.
 
     Attributes:
         size: ``tiny`` (random weights, SD 1.5's layout at tiny widths; tests and the demo) or
@@ -23,8 +32,6 @@ class ModelConfig:
         motion_adapter: ``from_pretrained`` folder or hub id of the AnimateDiff motion adapter
             (``sd15`` only).
         prediction_type: ``epsilon`` (SD 1.5) or ``v_prediction``.
-        camera_encoder: CameraCtrl-style Plücker encoder in the motion modules (our addition
-            beyond the paper; the ``paper`` preset turns it off, DESIGN.md §1).
         stt_radius_schedule: progressive dense spatio-temporal attention: ``[[step, radius], ...]``
             (radius in latent pixels of each motion module's map; -1 = full feature map); the
             radius in force at a step is the last entry whose step is <= it.
@@ -32,30 +39,19 @@ class ModelConfig:
             expanded model at the radius inference uses, PAPER.md §3). ``null``: the final radius
             the stage-1 export recorded (``mvcustom_training.json``), else the last radius of
             ``stt_radius_schedule``. Stage 1 follows ``stt_radius_schedule``.
-        stt_tile: query tile of windowed STT (``null``: ``min(2r+1, 4)``).
-        featurenerf_blocks: indices (0-15, forward order: down 0-5, middle 6, up 7-15) of the
-            spatial transformer blocks that carry the FeatureNeRF branch (default: the 7
-            lowest-resolution ones; the paper's list is not reachable, PAPER.md §3).
-        nerf_samples: samples per ray (CD360: 24). near, far: ray bounds in clip units (CO3D
-            clips are normalised to mean camera distance 1).
     """
 
     size: Literal["tiny", "sd15"] = "tiny"
     pretrained: str | None = None
     motion_adapter: str | None = None
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    camera_encoder: bool = True
     stt_radius_schedule: list[tuple[int, int]] = field(
         default_factory=lambda: [(0, 0), (1000, 1), (3000, 2), (6000, -1)]
     )
     stage2_stt_radius: int | None = None
-    stt_tile: int | None = None
-    featurenerf_blocks: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8, 9, 10])
-    nerf_samples: int = 24
-    near: float = 0.2
-    far: float = 2.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         steps = [s for s, _ in self.stt_radius_schedule]
         check(
             steps == sorted(steps) and steps and steps[0] == 0,
@@ -70,16 +66,9 @@ class ModelConfig:
             "model.stage2_stt_radius must be >= 0 or -1 (full), or null",
         )
         check(
-            all(0 <= b < 16 for b in self.featurenerf_blocks),
-            "model.featurenerf_blocks must be indices in [0, 16)",
-        )
-        check(
             self.size == "tiny" or self.pretrained is not None,
             "model.pretrained is required unless model.size is tiny",
         )
-        check(0 < self.near < self.far, "model.near and model.far need 0 < near < far")
-        check(self.nerf_samples >= 2, "model.nerf_samples must be >= 2")
-        check(self.stt_tile is None or self.stt_tile >= 1, "model.stt_tile must be >= 1 or null")
 
 
 @dataclass
@@ -230,6 +219,8 @@ class TrainConfig:
         resume_allow: config keys that may differ from the checkpoint's when a resubmitted job
             resumes (``RESUME_KEYS``: world size, batch size, accumulation, shards, max_steps,
             seed, stage, subject token); any other difference is refused, naming the key.
+        model: the architecture and where its weights come from (:class:`ModelConfig`).
+        loss: the loss terms' weights (:class:`mvcustom.configs.model.LossConfig`).
     """
 
     # keys whose change between a checkpoint and its resumption would silently change the run:
@@ -263,6 +254,7 @@ class TrainConfig:
     resume_allow: list[str] = field(default_factory=list)
     clip: ClipConfig = field(default_factory=ClipConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

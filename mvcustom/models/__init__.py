@@ -5,18 +5,22 @@ from __future__ import annotations
 from mvcustom.models.mvcustom import (
     ClipCameras,
     DenoiseOutput,
+    MVCustomAdditions,
     MVCustomConfig,
     MVCustomModel,
     References,
+    is_export,
 )
 
 __all__ = [
     "ClipCameras",
     "DenoiseOutput",
+    "MVCustomAdditions",
     "MVCustomConfig",
     "MVCustomModel",
     "References",
     "build_model",
+    "is_export",
 ]
 
 
@@ -31,29 +35,29 @@ def build_model(
 
     ``init_from`` (or ``cfg.pretrained`` when it is an ``MVCustomModel`` folder) loads a saved
     model; otherwise ``tiny`` builds random components and ``sd15`` loads SD 1.5 plus the motion
-    adapter. ``subject_tokens`` (stage 2) are added with trainable embeddings.
+    adapter. ``subject_tokens`` (stage 2) are added with trainable embeddings. Loading a saved
+    model refuses a ``cfg`` whose shape fields differ from it and applies its runtime fields
+    (:mod:`mvcustom.configs.model`).
     """
-    import os
-
     arch = MVCustomConfig(
-        camera_encoder=cfg.camera_encoder,
-        featurenerf_blocks=list(cfg.featurenerf_blocks),
-        nerf_samples=cfg.nerf_samples,
-        near=cfg.near,
-        far=cfg.far,
-        stt_tile=cfg.stt_tile,
+        **cfg.architecture(),
         subject_tokens=list(subject_tokens or []),
         subject_init_words=list(subject_init_words or []),
     )
     source = init_from
-    if (
-        source is None
-        and cfg.pretrained
-        and os.path.isfile(os.path.join(cfg.pretrained, "mvcustom_config.json"))
-    ):
+    if source is None and cfg.pretrained and is_export(cfg.pretrained):
         source = cfg.pretrained
     if source is not None:
-        return MVCustomModel.from_pretrained(source, dtype, arch.subject_tokens, arch.subject_init_words)
+        model = MVCustomModel.from_pretrained(
+            source, dtype, arch.subject_tokens, arch.subject_init_words, architecture=cfg
+        )
+        saved = model.scheduler_config.get("prediction_type")
+        if saved != cfg.prediction_type:
+            raise ValueError(
+                f"model.prediction_type={cfg.prediction_type!r} conflicts with the model loaded from "
+                f"{source} (trained for {saved!r}); set model.prediction_type to {saved!r}"
+            )
+        return model
     if cfg.size == "tiny":
         model = MVCustomModel.tiny(arch, prediction_type=cfg.prediction_type)
     else:

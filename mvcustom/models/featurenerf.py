@@ -36,12 +36,14 @@ class RenderOutput:
     """What a FeatureNeRF renders per target view.
 
     features ``(B, F, C, h, w)``; depth ``(B, F, h, w)`` z-depth in world units (expected depth
-    given the ray terminates); opacity ``(B, F, h, w)`` in ``[0, 1]``.
+    given the ray terminates); opacity ``(B, F, h, w)`` in ``[0, 1]``; rgb ``(B, F, 3, h, w)``
+    the rendered colour in ``[-1, 1]`` premultiplied by opacity (CD360's RGB loss supervises it).
     """
 
     features: Tensor
     depth: Tensor
     opacity: Tensor
+    rgb: Tensor
 
 
 def target_rays(
@@ -157,6 +159,9 @@ class FeatureNeRF(nn.Module):
             nn.Linear(2 * hidden + 1, hidden), nn.SiLU(), nn.Linear(hidden, hidden + 1)
         )
         self.out_proj = nn.Linear(hidden, channels)
+        # per-point colour (CD360's RGB head): rendered with the density's weights, it gives the
+        # geometry a photometric signal at stage 2 (the rgb loss term)
+        self.rgb_head = nn.Linear(hidden, 3)
 
     def point_field(self, gathered: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
         """``gathered (B, K, P, hidden)``, ``visible (B, K, P)`` -> density ``(B, P)``, feature ``(B, P, hidden)``."""
@@ -215,10 +220,13 @@ class FeatureNeRF(nn.Module):
         density, feats = self.point_field(gathered, visible)
         density = density.reshape(B, -1, S).to(geo)
         feats = feats.reshape(B, -1, S, feats.shape[-1])
-        rendered, depth, opacity = volume_render(density, feats, z.to(geo))
+        colours = torch.tanh(self.rgb_head(feats)).to(geo)
+        rendered, depth, opacity = volume_render(density, torch.cat([feats.to(geo), colours], -1), z.to(geo))
+        rendered, rgb = rendered[..., :-3], rendered[..., -3:]
         rendered = self.out_proj(rendered.to(dtype))  # (B, F*h*w, C)
         return RenderOutput(
             features=rendered.reshape(B, Fr, h, w, -1).permute(0, 1, 4, 2, 3),
             depth=depth.reshape(B, Fr, h, w),
             opacity=opacity.reshape(B, Fr, h, w),
+            rgb=rgb.reshape(B, Fr, h, w, 3).permute(0, 1, 4, 2, 3),
         )

@@ -33,54 +33,42 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from mvcustom.configs.model import ArchitectureConfig, reconcile
 from mvcustom.geometry.camera import rigid_inverse
 from mvcustom.models.attention import SpatioTemporalAttnProcessor
 from mvcustom.models.camera_encoder import CameraEncoder, clip_plucker, relative_to_first
 from mvcustom.models.components import Components, load_components, tiny_components
 from mvcustom.models.featurenerf import FeatureNeRF, RenderOutput
-from mvcustom.models.text import add_subject_tokens, init_subject_rows
+from mvcustom.models.text import TEXT_INVERSION_FILE, SubjectEmbedding, add_subject_tokens
 
 Tensor = torch.Tensor
 
-CONFIG_FILE = "mvcustom_config.json"
-WEIGHTS_FILE = "model.safetensors"
+#: The export's sub-folder (and ``model_index.json`` entry) of :class:`MVCustomAdditions`.
+ADDITIONS = "mvcustom"
+ADDITIONS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 @dataclass
-class MVCustomConfig:
-    """Architecture of the additions (the backbone's own configs travel with its components).
+class MVCustomConfig(ArchitectureConfig):
+    """Architecture of the additions (:class:`mvcustom.configs.model.ArchitectureConfig`, the one
+    definition shared with the training config's ``model`` section) plus the subject tokens.
 
     Attributes:
-        camera_encoder: build the Plücker camera encoder (off in the paper's configuration).
-        camera_encoder_blocks: residual blocks per level. camera_encoder_heads: temporal heads.
-        featurenerf_blocks: spatial transformer blocks (0-15 in SD 1.5) that get a FeatureNeRF.
-        nerf_hidden: FeatureNeRF width. nerf_samples: samples per ray (CD360: 24).
-        near, far: default ray bounds in the clip's world units (CO3D clips: mean camera
-            distance 1).
         subject_tokens: textual-inversion tokens the text encoder carries.
         subject_init_words: per token, the word initialising it (``[]``: random).
-        stt_tile: query tile side of windowed STT (``None``: ``2r + 1``).
     """
 
-    camera_encoder: bool = True
-    camera_encoder_blocks: int = 1
-    camera_encoder_heads: int = 1
-    featurenerf_blocks: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8, 9, 10])
-    nerf_hidden: int = 64
-    nerf_samples: int = 24
-    near: float = 0.2
-    far: float = 2.0
     subject_tokens: list[str] = field(default_factory=list)
     subject_init_words: list[str] = field(default_factory=list)
-    stt_tile: int | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.subject_init_words and len(self.subject_init_words) != len(self.subject_tokens):
             raise ValueError("subject_init_words needs one word per subject token (or none)")
-        if len(set(self.featurenerf_blocks)) != len(self.featurenerf_blocks):
-            raise ValueError(f"featurenerf_blocks has repeats: {self.featurenerf_blocks}")
 
 
 @dataclass
@@ -274,6 +262,41 @@ def spatial_transformer_blocks(unet) -> list[nn.Module]:
     return blocks
 
 
+class MVCustomAdditions(ModelMixin, ConfigMixin):
+    """Everything MVCustom adds to the backbone, as one diffusers component (``mvcustom/`` of an
+    export): the camera encoder and its merges, and the pose-conditioned blocks (FeatureNeRF +
+    fusion). Built from the shapes :class:`MVCustomModel` reads off its UNet; loads standalone
+    with ``MVCustomAdditions.from_pretrained(export, subfolder="mvcustom")``.
+
+    Args:
+        architecture: the :class:`MVCustomConfig` as a dict (recorded in ``config.json``).
+        camera_channels: the UNet's ``block_out_channels``. vae_scale: the VAE's downscale.
+        merge_channels: motion-module name -> ``[camera channels, module width]`` of its merge.
+        pose_block_channels: block index -> its width.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        architecture: dict,
+        camera_channels: list[int],
+        vae_scale: int,
+        merge_channels: dict[str, list[int]],
+        pose_block_channels: dict[str, int],
+    ):
+        super().__init__()
+        cfg = MVCustomConfig(**architecture)
+        self.camera_encoder = None
+        if cfg.camera_encoder:
+            self.camera_encoder = CameraEncoder(
+                tuple(camera_channels), vae_scale, cfg.camera_encoder_blocks, cfg.camera_encoder_heads
+            )
+        self.camera_merges = nn.ModuleDict({n: CameraMerge(a, b) for n, (a, b) in merge_channels.items()})
+        self.pose_blocks = nn.ModuleDict(
+            {i: PoseConditioning(c, cfg) for i, c in pose_block_channels.items()}
+        )
+
+
 class MVCustomModel(nn.Module):
     """The whole assembly; see the module docstring. Build with :meth:`tiny`,
     :meth:`from_sd15` or :meth:`from_pretrained` (a folder written by :meth:`save_pretrained`)."""
@@ -305,30 +328,37 @@ class MVCustomModel(nn.Module):
                         attn.set_processor(SpatioTemporalAttnProcessor())
             module.register_forward_pre_hook(_MotionHook(self._state), with_kwargs=True)
 
-        self.camera_encoder = None
-        self.camera_merges = nn.ModuleDict()
-        if config.camera_encoder:
-            self.camera_encoder = CameraEncoder(
-                channels, self.vae_scale, config.camera_encoder_blocks, config.camera_encoder_heads
-            )
-            for name, level, module in modules:
-                if level is None:
-                    continue
-                self.camera_merges[name] = CameraMerge(channels[level], module.proj_in.out_features)
-                module.proj_in.register_forward_hook(
-                    _CameraHook(self._state, self.camera_merges[name], level)
-                )
-
         blocks = spatial_transformer_blocks(self.unet)
         bad = [b for b in config.featurenerf_blocks if not 0 <= b < len(blocks)]
         if bad:
             raise ValueError(
                 f"featurenerf_blocks {bad} out of range: this UNet has {len(blocks)} transformer blocks"
             )
-        self.pose_blocks = nn.ModuleDict()
+        merges = {}
+        if config.camera_encoder:
+            merges = {n: [channels[lv], m.proj_in.out_features] for n, lv, m in modules if lv is not None}
+        additions = MVCustomAdditions(
+            architecture=asdict(config),
+            camera_channels=list(channels),
+            vae_scale=self.vae_scale,
+            merge_channels=merges,
+            pose_block_channels={
+                str(i): blocks[i].norm1.normalized_shape[0] for i in config.featurenerf_blocks
+            },
+        )
+        # The additions are their own diffusers component on disk (``mvcustom/``); the model
+        # adopts its children under their usual names and keeps the container outside its
+        # submodules, so the state dict names each weight once.
+        object.__setattr__(self, "_additions", additions)
+        self.camera_encoder = additions.camera_encoder
+        self.camera_merges = additions.camera_merges
+        self.pose_blocks = additions.pose_blocks
+        for name, level, module in modules:
+            if name in self.camera_merges:
+                module.proj_in.register_forward_hook(
+                    _CameraHook(self._state, self.camera_merges[name], level)
+                )
         for index in config.featurenerf_blocks:
-            dim = blocks[index].norm1.normalized_shape[0]
-            self.pose_blocks[str(index)] = PoseConditioning(dim, config)
             blocks[index].register_forward_hook(_PoseHook(self._state, self.pose_blocks[str(index)], index))
 
     # ------------------------------------------------------------------ construction
@@ -347,22 +377,52 @@ class MVCustomModel(nn.Module):
         return cls(load_components(pretrained, motion_adapter, dtype), config or MVCustomConfig())
 
     def save_pretrained(self, path: str) -> None:
-        """Write ``mvcustom_config.json`` (our config + every component's config),
-        ``model.safetensors`` (all weights) and ``tokenizer/`` to a folder (local or fsspec URL)."""
-        from safetensors.torch import save_model
+        """Write a diffusers pipeline folder (local or fsspec URL), the training export:
+
+        ``model_index.json`` and one sub-folder per component, each in its library's own format:
+        ``unet/`` (``UNetMotionModel``: SD 1.5's image layers with the motion modules), ``vae/``,
+        ``text_encoder/`` and ``tokenizer/`` (the pretrained vocabulary, without subject tokens),
+        ``scheduler/`` (DDIM), ``mvcustom/`` (:class:`MVCustomAdditions`: the camera encoder and
+        the FeatureNeRF blocks, with the architecture config), and per subject token diffusers'
+        textual-inversion file (``learned_embeds.safetensors``; with several tokens
+        ``learned_embeds-<i>.safetensors``). ``model_index.json`` names ``AnimateDiffPipeline``,
+        so ``DiffusionPipeline.from_pretrained`` gives the backbone in stock diffusers (its
+        image and motion layers; MVCustom's additions, which stock pipelines cannot run, are
+        ignored with diffusers' warning) and ``pipe.load_textual_inversion(folder)`` adds the
+        token; :meth:`from_pretrained` reads all of it.
+        """
+        import diffusers
+        from diffusers import DDIMScheduler
+
+        from mvcustom.models.text import save_textual_inversion, subject_vectors
 
         with _local_folder(path, write=True) as local:
-            meta = {
-                "mvcustom": asdict(self.config),
-                "unet": dict(self.unet.config),
-                "vae": dict(self.vae.config),
-                "text_encoder": self.text_encoder.config.to_dict(),
-                "scheduler": self.scheduler_config,
+            index = {
+                "_class_name": "AnimateDiffPipeline",
+                "_diffusers_version": diffusers.__version__,
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNetMotionModel"],
+                "motion_adapter": [None, None],
+                "scheduler": ["diffusers", "DDIMScheduler"],
+                "feature_extractor": [None, None],
+                "image_encoder": [None, None],
+                ADDITIONS: ["mvcustom.models.mvcustom", "MVCustomAdditions"],
             }
-            with open(os.path.join(local, CONFIG_FILE), "w") as f:
-                json.dump(meta, f, indent=2, default=list)
+            with open(os.path.join(local, "model_index.json"), "w") as f:
+                json.dump(index, f, indent=2)
+            self.unet.save_pretrained(os.path.join(local, "unet"))
+            self.vae.save_pretrained(os.path.join(local, "vae"))
+            with _base_text_encoder(self.text_encoder) as base:
+                base.save_pretrained(os.path.join(local, "text_encoder"))
             self._base_tokenizer.save_pretrained(os.path.join(local, "tokenizer"))
-            save_model(self, os.path.join(local, WEIGHTS_FILE))
+            DDIMScheduler.from_config(self.scheduler_config).save_pretrained(os.path.join(local, "scheduler"))
+            self._additions.save_pretrained(os.path.join(local, ADDITIONS))
+            tokens = list(subject_vectors(self.tokenizer, self.text_encoder))
+            for i, token in enumerate(tokens):
+                name = TEXT_INVERSION_FILE if len(tokens) == 1 else f"learned_embeds-{i}.safetensors"
+                save_textual_inversion(self.tokenizer, self.text_encoder, os.path.join(local, name), token)
 
     @classmethod
     def from_pretrained(
@@ -371,58 +431,60 @@ class MVCustomModel(nn.Module):
         dtype: torch.dtype | None = None,
         subject_tokens: list[str] | None = None,
         subject_init_words: list[str] | None = None,
+        architecture: ArchitectureConfig | None = None,
     ) -> MVCustomModel:
         """Rebuild from a :meth:`save_pretrained` folder (local path, fsspec URL or hub id).
 
         ``subject_tokens`` replaces the saved model's subject tokens (stage 2 starting from the
         stage-1 export): everything else loads strictly, the new tokens start from
-        ``subject_init_words`` (or random).
+        ``subject_init_words`` (or random). ``architecture``: the config the caller asks for; a
+        shape field that differs from the saved model's is a ``ValueError`` naming it, the
+        runtime fields are applied (:func:`mvcustom.configs.model.reconcile`).
         """
-        from diffusers import AutoencoderKL, UNetMotionModel
+        from diffusers import AutoencoderKL, DDIMScheduler, UNetMotionModel
         from safetensors.torch import load_file
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTokenizer
 
         with _local_folder(path, write=False) as local:
-            config_file = os.path.join(local, CONFIG_FILE)
-            if not os.path.isfile(config_file):
+            if not is_export(local):
                 raise FileNotFoundError(
-                    f"{path} has no {CONFIG_FILE}: not a folder written by MVCustomModel.save_pretrained"
+                    f"{path} has no model_index.json with an {ADDITIONS!r} component: not a folder "
+                    "written by MVCustomModel.save_pretrained (a training run's export/ is one)"
                 )
-            with open(config_file) as f:
-                meta = json.load(f)
-            cfg = MVCustomConfig(**meta["mvcustom"])
-            retoken = subject_tokens is not None and list(subject_tokens) != cfg.subject_tokens
+            with open(os.path.join(local, ADDITIONS, "config.json")) as f:
+                saved = json.load(f)["architecture"]
+            saved_tokens = list(saved.get("subject_tokens", []))
+            if architecture is not None:
+                saved = reconcile(saved, architecture, path)
+            cfg = MVCustomConfig(**saved)
+            retoken = subject_tokens is not None and list(subject_tokens) != saved_tokens
             if retoken:
                 cfg.subject_tokens = list(subject_tokens)
                 cfg.subject_init_words = list(subject_init_words or [])
                 cfg.__post_init__()
-            te_config = CLIPTextConfig(
-                **{k: v for k, v in meta["text_encoder"].items() if k != "transformers_version"}
-            )
+            kw = {"torch_dtype": dtype} if dtype is not None else {}
+            scheduler = dict(DDIMScheduler.load_config(local, subfolder="scheduler"))
             components = Components(
-                unet=UNetMotionModel.from_config(meta["unet"]),
-                vae=AutoencoderKL.from_config(meta["vae"]),
-                text_encoder=CLIPTextModel(te_config),
-                tokenizer=CLIPTokenizer.from_pretrained(os.path.join(local, "tokenizer")),
-                scheduler=meta["scheduler"],
+                unet=UNetMotionModel.from_pretrained(local, subfolder="unet", **kw),
+                vae=AutoencoderKL.from_pretrained(local, subfolder="vae", **kw),
+                text_encoder=CLIPTextModel.from_pretrained(local, subfolder="text_encoder", **kw),
+                tokenizer=CLIPTokenizer.from_pretrained(local, subfolder="tokenizer"),
+                scheduler={k: v for k, v in scheduler.items() if not k.startswith("_")},
             )
             model = cls(components, cfg)
-            state = load_file(os.path.join(local, WEIGHTS_FILE))
-        token_rows = {k for k in (*state, *model.state_dict()) if k.endswith("token_embedding.extra")}
-        if retoken:
-            # the pretrained vocabulary is `token_embedding.weight` without subject tokens and
-            # `token_embedding.base.weight` with them; the subject rows themselves start fresh
-            wanted = model.state_dict().keys()
-            state = {_embedding_key(k, wanted): v for k, v in state.items() if k not in token_rows}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        allowed = token_rows if retoken else set()
-        if set(missing) - allowed or unexpected:
-            raise ValueError(
-                f"{path}: weights do not match the saved config (missing {sorted(set(missing) - allowed)[:5]}, "
-                f"unexpected {sorted(unexpected)[:5]})"
-            )
-        if retoken and cfg.subject_tokens:  # initialise from the *loaded* vocabulary
-            init_subject_rows(model.tokenizer, model.text_encoder, cfg.subject_init_words or None)
+            state = load_file(os.path.join(local, ADDITIONS, ADDITIONS_WEIGHTS))
+            missing, unexpected = model._additions.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ValueError(
+                    f"{path}/{ADDITIONS}: weights do not match its config (missing {sorted(missing)[:5]}, "
+                    f"unexpected {sorted(unexpected)[:5]})"
+                )
+            if cfg.subject_tokens and not retoken:
+                vectors = {}
+                for name in sorted(os.listdir(local)):
+                    if name.startswith("learned_embeds") and name.endswith(".safetensors"):
+                        vectors.update(load_file(os.path.join(local, name)))
+                _set_subject_rows(model, vectors, path)
         if dtype is not None:
             model.to(dtype)
         return model
@@ -557,13 +619,39 @@ class MVCustomModel(nn.Module):
         return frames.reshape(B, Fr, *frames.shape[1:])
 
 
-def _embedding_key(key: str, wanted) -> str:
-    for plain, wrapped in ((".token_embedding.weight", ".token_embedding.base.weight"),):
-        if key.endswith(plain) and key not in wanted and key.replace(plain, wrapped) in wanted:
-            return key.replace(plain, wrapped)
-        if key.endswith(wrapped) and key not in wanted and key.replace(wrapped, plain) in wanted:
-            return key.replace(wrapped, plain)
-    return key
+def is_export(folder: str) -> bool:
+    """Whether a local folder is a :meth:`MVCustomModel.save_pretrained` export."""
+    index = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index):
+        return False
+    with open(index) as f:
+        return ADDITIONS in json.load(f)
+
+
+@contextlib.contextmanager
+def _base_text_encoder(text_encoder):
+    """The text encoder with its pretrained embedding only (the subject rows lifted off)."""
+    emb = text_encoder.get_input_embeddings()
+    if not isinstance(emb, SubjectEmbedding):
+        yield text_encoder
+        return
+    text_encoder.set_input_embeddings(emb.base)
+    try:
+        yield text_encoder
+    finally:
+        text_encoder.set_input_embeddings(emb)
+
+
+def _set_subject_rows(model: MVCustomModel, vectors: dict[str, Tensor], source: str) -> None:
+    missing = [t for t in model.config.subject_tokens if t not in vectors]
+    if missing:
+        raise ValueError(f"{source}: no learned embedding for subject token(s) {missing}")
+    emb = model.text_encoder.get_input_embeddings()
+    first = emb.base.num_embeddings
+    with torch.no_grad():
+        for token in model.config.subject_tokens:
+            row = model.tokenizer.convert_tokens_to_ids(token) - first
+            emb.extra[row] = vectors[token].to(emb.extra.dtype)
 
 
 @contextlib.contextmanager

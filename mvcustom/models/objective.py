@@ -6,20 +6,21 @@
   fusion layers) and the subject token's embedding rows. The backbone stays frozen (the paper
   leaves open whether STT is tuned per subject, PAPER.md §3; not here).
 
-Loss (CD360's recipe, PAPER.md §3): the denoising MSE on the scheduler's prediction target
-(epsilon or v), masked to the subject where the batch has masks and ``masked=True``; in stage 2
-plus, per pose-conditioned block, the FeatureNeRF opacity pushed to 1 on the subject (weight 10)
-and to 0 off it (weight 10). CD360's rendered-RGB term (weight 5) needs an RGB head on the
-FeatureNeRF, which ours does not have; it is not computed.
+Loss (CD360's recipe, PAPER.md §3; weights in :class:`mvcustom.configs.model.LossConfig`, the
+training config's ``loss`` section): the denoising MSE on the scheduler's prediction target
+(epsilon or v), masked to the subject where the batch has masks and ``loss.masked``; in stage 2
+plus, per pose-conditioned block (:func:`featurenerf_losses`), the FeatureNeRF opacity pushed to 1
+on the subject (MSE, weight 10) and to 0 off it (L1, weight 10), and its rendered colour against
+the target frame with the background composited to 0 (MSE, weight 5).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
+from mvcustom.configs.model import LossConfig
+from mvcustom.models.featurenerf import RenderOutput
 from mvcustom.models.mvcustom import ClipCameras, MVCustomModel, References
 
 Tensor = torch.Tensor
@@ -68,14 +69,6 @@ def prediction_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tens
     raise ValueError(f"prediction_type {kind!r} is not supported; use epsilon or v_prediction")
 
 
-@dataclass
-class LossWeights:
-    """Stage-2 FeatureNeRF terms (CD360's defaults)."""
-
-    fg_opacity: float = 10.0
-    bg_alpha: float = 10.0
-
-
 def _mask_at(mask: Tensor, hw: tuple[int, int]) -> Tensor:
     """``mask (B, F, H, W)`` in [0, 1] -> ``(B, F, h, w)`` by area averaging."""
     B, Fr = mask.shape[:2]
@@ -94,8 +87,7 @@ def diffusion_loss(
     scheduler,
     stage: str,
     radius: int = 0,
-    masked: bool = True,
-    weights: LossWeights | None = None,
+    loss_config: LossConfig | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """One training step's loss.
@@ -107,12 +99,13 @@ def diffusion_loss(
             with ``reference_extrinsics`` / ``reference_intrinsics`` (and ``reference_mask``).
         scheduler: a diffusers noise scheduler (``add_noise``, ``config.prediction_type``).
         radius: the STT radius in force (:func:`mvcustom.models.attention.radius_at`).
+        loss_config: the terms' weights (default: CD360's).
     Returns:
         ``(loss, figures)`` with the loss terms as floats for logging.
     """
     if stage not in STAGES:
         raise ValueError(f"unknown training stage {stage!r}; expected one of {STAGES}")
-    weights = weights or LossWeights()
+    weights = loss_config or LossConfig()
     frames = batch["frames"].to(model.device)
     B, Fr, _, H, W = frames.shape
     with torch.no_grad():
@@ -139,26 +132,50 @@ def diffusion_loss(
 
     err = (out.sample.float() - target.float()) ** 2  # (B, F, C, h, w)
     figures: dict[str, float] = {}
-    if masked and stage == "customize" and "mask" in batch:
+    if weights.masked and stage == "customize" and "mask" in batch:
         w = _mask_at(batch["mask"].to(err.device), tuple(err.shape[-2:])).unsqueeze(2)
         loss = (err * w).sum() / (w.sum() * err.shape[2]).clamp_min(1.0)
     else:
         loss = err.mean()
     figures["loss_denoise"] = float(loss.detach())
     if out.renders and "mask" in batch:
-        fg_terms, bg_terms = [], []
-        for render in out.renders.values():
-            m = _mask_at(batch["mask"].to(err.device), tuple(render.opacity.shape[-2:]))
-            fg, bg = (m > 0.5).float(), (m <= 0.5).float()
-            fg_terms.append(((render.opacity - 1) ** 2 * fg).sum() / fg.sum().clamp_min(1))
-            bg_terms.append((render.opacity.abs() * bg).sum() / bg.sum().clamp_min(1))
-        fg_loss = torch.stack(fg_terms).mean()
-        bg_loss = torch.stack(bg_terms).mean()
-        loss = loss + weights.fg_opacity * fg_loss + weights.bg_alpha * bg_loss
-        figures["loss_fg_opacity"] = float(fg_loss.detach())
-        figures["loss_bg_alpha"] = float(bg_loss.detach())
+        terms = featurenerf_losses(out.renders, batch["mask"].to(err.device), frames)
+        for name, value in terms.items():
+            loss = loss + getattr(weights, name) * value
+            figures[f"loss_{name}"] = float(value.detach())
     figures["loss"] = float(loss.detach())
     return loss, figures
+
+
+def featurenerf_losses(renders: dict[int, RenderOutput], mask: Tensor, frames: Tensor) -> dict[str, Tensor]:
+    """CD360's FeatureNeRF terms, each averaged over the pose-conditioned blocks.
+
+    Args:
+        renders: per block, what its FeatureNeRF rendered at the target cameras.
+        mask: ``(B, F, H, W)`` subject masks in ``[0, 1]``; frames: ``(B, F, 3, H, W)`` in ``[-1, 1]``.
+    Returns:
+        ``fg_opacity``: mean of ``(opacity - 1)^2`` on the subject; ``bg_alpha``: mean of
+        ``|opacity|`` off it; ``rgb``: mean of ``(rendered colour - frame * subject)^2`` over all
+        pixels (the rendered colour is premultiplied by opacity, so the background's target is
+        0). Masks and frames are area-averaged to each block's resolution; a pixel is subject
+        where its averaged mask exceeds 0.5.
+    """
+    fg_terms, bg_terms, rgb_terms = [], [], []
+    for render in renders.values():
+        hw = tuple(render.opacity.shape[-2:])
+        m = _mask_at(mask, hw)
+        fg, bg = (m > 0.5).float(), (m <= 0.5).float()
+        fg_terms.append(((render.opacity.float() - 1) ** 2 * fg).sum() / fg.sum().clamp_min(1))
+        bg_terms.append((render.opacity.float().abs() * bg).sum() / bg.sum().clamp_min(1))
+        B, Fr = frames.shape[:2]
+        target = F.adaptive_avg_pool2d(frames.reshape(B * Fr, 3, *frames.shape[-2:]).float(), hw)
+        target = target.reshape(B, Fr, 3, *hw) * fg.unsqueeze(2)
+        rgb_terms.append(((render.rgb.float() - target) ** 2).mean())
+    return {
+        "fg_opacity": torch.stack(fg_terms).mean(),
+        "bg_alpha": torch.stack(bg_terms).mean(),
+        "rgb": torch.stack(rgb_terms).mean(),
+    }
 
 
 def noise_scheduler(model: MVCustomModel):

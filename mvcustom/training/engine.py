@@ -174,15 +174,22 @@ def lr_lambda(warmup: int, total: int, schedule: str):
 class TrainStep(nn.Module):
     """What DeepSpeed wraps: the model plus its loss, so ``engine(batch)`` is one forward."""
 
-    def __init__(self, model: nn.Module, stage: str, scheduler):
+    def __init__(self, model: nn.Module, stage: str, scheduler, loss_config=None):
         super().__init__()
         self.model = model
         self.stage = stage
         self.noise_scheduler = scheduler
+        self.loss_config = loss_config
 
     def forward(self, batch: dict, radius: int, generator: torch.Generator):
         return diffusion_loss(
-            self.model, batch, self.noise_scheduler, self.stage, radius=radius, generator=generator
+            self.model,
+            batch,
+            self.noise_scheduler,
+            self.stage,
+            radius=radius,
+            loss_config=self.loss_config,
+            generator=generator,
         )
 
 

@@ -157,7 +157,9 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
     customize = cfg.stage == "customize"
     model = _build(cfg)
     params = set_trainable(model, cfg.stage)
-    engine = build_engine(TrainStep(model, cfg.stage, noise_scheduler(model)), params, cfg, ctx.device)
+    engine = build_engine(
+        TrainStep(model, cfg.stage, noise_scheduler(model), cfg.loss), params, cfg, ctx.device
+    )
     harden_checkpoint_loading(engine)  # resume reads checkpoints with weights_only=True
     held: list = []
     start = 0
