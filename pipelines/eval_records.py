@@ -55,7 +55,7 @@ SPEC_COLUMNS = (
     "variant",
     "options",
 )
-METRICS = ("pose_accuracy", "multiview_consistency", "identity", "text_alignment")
+METRICS = ("pose_accuracy", "multiview_consistency", "identity", "text_alignment", "clip_image_similarity")
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -398,7 +398,13 @@ class ScoreSamples:
         self.cfg = from_dict(EvaluateConfig, config, "evaluate config")
         mm = self.cfg.metric_models
         self.encoder = ImageTextEncoder.from_pretrained(mm.clip) if mm.clip else ImageTextEncoder.tiny(seed=0)
-        self.distance = ImageTextEncoder.from_pretrained(mm.dreamsim) if mm.dreamsim else None
+        self.distance = None  # distance "clip": the CLIP encoder, labelled as the fallback it is
+        if mm.distance == "dreamsim":
+            from mvcustom.metrics import DreamSimEncoder
+
+            self.distance = DreamSimEncoder.from_pretrained(mm.dreamsim, dreamsim_type=mm.dreamsim_type)
+        elif mm.distance == "backbone":
+            self.distance = ImageTextEncoder.from_pretrained(mm.distance_backbone)
 
     def score(self, meta: dict) -> dict:
         from mvcustom.metrics import class_word_prompt, pose_accuracy, score_views
@@ -420,6 +426,9 @@ class ScoreSamples:
             "pose_accuracy": pose.score,
             "pose_failed": pose.failed,
             "pose_failure_reason": pose.reason,
+            # sfm, or homography for one-centre trajectories (zoom); zoom_error with the latter
+            "pose_method": pose.method,
+            "zoom_error": pose.zoom_error,
             "registered_frames": pose.registered,
             "rotation_error_deg": pose.rotation_error_deg,
             "translation_error_deg": pose.translation_error_deg,
@@ -496,6 +505,9 @@ def aggregate(results) -> pd.DataFrame:  # noqa: F821
         t = g[cols].agg(["mean", "std", "count"])
         t.columns = [f"{m}_{s}" for m, s in t.columns]
         t = t.reset_index()
+        for name in ("clip_model", "distance_model"):  # which models the figures come from
+            if name in scored:
+                t.insert(0, name, ", ".join(sorted(map(str, scored[name].dropna().unique()))))
         t.insert(0, "level", level)
         tables.append(t)
     return pd.concat(tables, ignore_index=True)

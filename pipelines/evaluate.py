@@ -195,12 +195,16 @@ def run_evaluate(cfg) -> dict:
         "score_seconds",
         "generate_seconds",
         "peak_gpu_memory_gib",
+        "zoom_error",
     ):
         if m in scored and len(scored):
             vals = pd.to_numeric(scored[m], errors="coerce").dropna()
             if len(vals):
                 summary[f"{m}_mean"] = float(vals.mean())
                 summary[f"{m}_std"] = float(vals.std()) if len(vals) > 1 else 0.0
+    for name in ("clip_model", "distance_model"):  # what the similarity figures were computed with
+        if name in scored and len(scored):
+            summary[name] = ", ".join(sorted(map(str, scored[name].dropna().unique())))
     summary["mlflow_run_id"] = _log_mlflow(cfg, summary, results, table)
     summary["report"] = er.write_report(out, results, table, summary["mlflow_run_id"])
     if summary["mlflow_run_id"] and "://" not in out:
@@ -226,36 +230,36 @@ def _execute(cfg, work: dict, new: list) -> None:
     ctx.max_errored_blocks = cfg.ray.max_errored_blocks
     ctx.op_resource_reservation_enabled = cfg.ray.reserve_operator_resources
     config = to_dict(cfg)
-    # a sample that kills its actor every time ends as a failure after ray.actor_restarts
-    # restarts, not a loop; tasks of a restarted actor are retried (Ray Data's default)
-    actor_ft = {"max_restarts": cfg.ray.actor_restarts, "max_task_retries": cfg.ray.actor_task_retries}
-    parts = []
-    if work["generate"]:
-        # rows travel as JSON: Ray Data would turn a column mixing None and text into floats
-        todo = [{"record": json.dumps(r)} for r in work["generate"]]
-        gen = ray.data.from_items(todo, override_num_blocks=len(todo))
-        gen = gen.map_batches(
-            er.GenerateSamples,
+
+    def actor_stage(ds, cls, size: int, num_cpus: float, num_gpus: float = 0):
+        # one sample per call; a sample that kills its actor every time ends as a failure after
+        # ray.actor_restarts restarts, not a loop; tasks of a restarted actor are retried
+        return ds.map_batches(
+            cls,
             fn_constructor_kwargs={"config": config},
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-            num_cpus=cfg.actor_cpus,
-            num_gpus=cfg.num_gpus,
-            **actor_ft,
+            compute=ray.data.ActorPoolStrategy(size=size),
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            max_restarts=cfg.ray.actor_restarts,
+            max_task_retries=cfg.ray.actor_task_retries,
         )
-        parts.append(gen)
+
+    def records_of(rows: list[dict]):
+        # rows travel as JSON: Ray Data would turn a column mixing None and text into floats
+        return ray.data.from_items([{"record": json.dumps(r)} for r in rows], override_num_blocks=len(rows))
+
+    parts = []
+    if work["generate"]:
+        parts.append(
+            actor_stage(
+                records_of(work["generate"]), er.GenerateSamples, cfg.actors, cfg.actor_cpus, cfg.num_gpus
+            )
+        )
     if work["score"]:
-        ready = [{"record": json.dumps(m)} for m in work["score"]]
-        parts.append(ray.data.from_items(ready, override_num_blocks=len(ready)))
+        parts.append(records_of(work["score"]))
     ds = parts[0] if len(parts) == 1 else parts[0].union(parts[1])
-    ds = ds.map_batches(
-        er.ScoreSamples,
-        fn_constructor_kwargs={"config": config},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=cfg.scorers),
-        num_cpus=cfg.scorer_cpus,
-        **actor_ft,
-    )
+    ds = actor_stage(ds, er.ScoreSamples, cfg.scorers, cfg.scorer_cpus)
     for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
         new += er.records({"record": list(batch["record"])})
 
@@ -271,7 +275,9 @@ def _log_mlflow(cfg, summary: dict, results, table) -> str | None:
     client = mlflow.MlflowClient(tracking_uri(cfg.mlflow))
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment)
-    run = client.create_run(exp_id, run_name=cfg.mlflow.run_name, tags={"mvcustom.job": "evaluate"})
+    tags = {"mvcustom.job": "evaluate"}
+    tags.update({f"mvcustom.{k}": summary[k] for k in ("clip_model", "distance_model") if k in summary})
+    run = client.create_run(exp_id, run_name=cfg.mlflow.run_name, tags=tags)
     rid = run.info.run_id
     log_config_params(client, rid, cfg)
     metrics = {

@@ -296,3 +296,24 @@ def test_camera_input_validation():
         Cameras(torch.eye(3), torch.eye(3), (4, 4))
     with pytest.raises(ValueError, match="image_hw must be positive"):
         Cameras(torch.eye(4), torch.eye(3), (0, 4))
+
+
+def test_lateral_trajectory_translates_along_camera_x_only():
+    """The paper's x-translation: one orientation, centres on the camera's x axis, centred on
+    the view that looks at the target (which projects to the image centre there)."""
+    target = torch.tensor([0.5, -0.2, 0.3], dtype=torch.float64)
+    cams = make_trajectory(
+        "lateral", 9, span=2.0, radius=3.0, target=tuple(target.tolist()), image_hw=(48, 64)
+    )
+    assert torch.allclose(cams.R, cams.R[:1].expand_as(cams.R), atol=1e-12)
+    steps = cams.centers[1:] - cams.centers[:-1]
+    right = cams.R[0, 0]  # camera x axis in world coordinates
+    assert torch.allclose(steps, (2.0 / 8) * right.expand_as(steps), atol=1e-12)
+    uv, z = cams[4:5].project(target.unsqueeze(0))
+    assert (
+        torch.allclose(uv[0, 0], torch.tensor([32.0, 24.0], dtype=torch.float64), atol=1e-9) and z[0, 0] > 0
+    )
+    # camera-frame motion is pure +x: relative translations have no y or z component
+    rel = cams.relative_to(0)
+    assert torch.allclose(rel.t[:, 1:], torch.zeros(9, 2, dtype=torch.float64), atol=1e-12)
+    assert (rel.t[1:, 0] < 0).all()  # the world moves left as the camera trucks right

@@ -510,6 +510,9 @@ def test_dockerfile_structure():
     assert "pip install -c requirements/constraints-cpu.txt" in runs and "pip check" in runs
     assert "python3.11" in runs and "g++" in runs
     assert "useradd" in runs and "--uid 1000" in runs
+    # DreamSim (metric_models.distance=dreamsim) with the torchvision build matching torch
+    assert '"torchvision==${TORCHVISION_VERSION}" --index-url "$TORCH_INDEX_URL"' in runs
+    assert args["DREAMSIM_VERSION"] and '"dreamsim==${DREAMSIM_VERSION}"' in runs
     assert _dockerfile_workdir(path) == "/app"
     # the lock's pin admits the CUDA build (PEP 440: no local label in the specifier)
     from packaging.specifiers import SpecifierSet

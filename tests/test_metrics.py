@@ -8,13 +8,15 @@ move with image content, so ground truth must rank above strongly perturbed view
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from mvcustom.data.generator.scene import render
 from mvcustom.data.generator.subjects import make_scene
-from mvcustom.geometry import relative_pose_errors
+from mvcustom.geometry import Cameras, relative_pose_errors
 from mvcustom.geometry.trajectories import arc, zoom
 from mvcustom.metrics import (
     ImageTextEncoder,
@@ -94,12 +96,15 @@ def test_pose_accuracy_counts_unregistered_frames_as_failed_pairs(cpa_views):
     assert s.score >= 14 / 28, s
 
 
-def test_pose_accuracy_of_blank_frames_fails_with_zero():
+def test_pose_accuracy_of_blank_frames_fails_with_zero(capfd):
     cams = _arc(8, 105.0, (96, 128))
     s = pose_accuracy(np.full((8, 96, 128, 3), 200, np.uint8), cams)
     assert s.failed and s.score == 0.0 and s.registered == 0
     assert "no reconstruction" in s.reason
     assert s.recovered is None and s.rotation_error_deg is None
+    # the expected failure is reported once, in the result; COLMAP's glog prints nothing
+    err = capfd.readouterr().err
+    assert not re.search(r"^[IWE]\d{8} ", err, re.M) and "sparse model" not in err, err[-500:]
 
 
 def test_pose_accuracy_rejects_bad_inputs():
@@ -115,9 +120,53 @@ def test_pose_accuracy_rejects_bad_inputs():
         pose_accuracy(frames, cams[:3])
     with pytest.raises(ValueError, match="threshold_deg"):
         pose_accuracy(frames, cams, threshold_deg=0.0)
-    zooming = zoom(4, image_hw=(32, 32))
+    moving_zoom = Cameras(_arc(4, 60.0, (32, 32)).w2c, zoom(4, image_hw=(32, 32)).K, (32, 32))
     with pytest.raises(ValueError, match="known_intrinsics"):
-        pose_accuracy(frames, zooming)
+        pose_accuracy(frames, moving_zoom)  # the focal changes while the camera moves
+
+
+@pytest.fixture(scope="module")
+def zoom_views():
+    cams = zoom(
+        8,
+        start_fov_deg=60.0,
+        end_fov_deg=35.0,
+        radius=2.0,
+        elevation_deg=20.0,
+        target=(0.0, 0.0, 0.35),
+        image_hw=CPA_HW,
+    )
+    return render(make_scene("car", 3, 3), cams).rgb.numpy(), cams
+
+
+def test_zoom_is_scored_from_homographies_against_ground_truth(zoom_views):
+    """A zoom has no baseline for SfM; its pairs are scored by homography. True renders score
+    ~1; the same frames in the wrong order (wrong zoom factors per pair) and a clip that does not
+    zoom at all score low."""
+    frames, cams = zoom_views
+    s = pose_accuracy(frames, cams)
+    assert s.method == "homography" and not s.failed and s.pairs_total == 28
+    assert s.score >= 0.95, s
+    assert s.rotation_error_deg < 1.0 and s.zoom_error < 0.02, s
+    shuffled = pose_accuracy(frames[SHUFFLE], cams)
+    assert shuffled.score <= 0.25 and shuffled.zoom_error > 0.1, shuffled
+    static = pose_accuracy(np.repeat(frames[:1], 8, axis=0), cams)  # never zooms
+    assert static.score <= 0.25, static
+
+
+def test_lateral_trajectory_scores_on_ground_truth(cpa_views):
+    """The paper's x-translation trajectory: SfM recovers it from true renders; reversed, every
+    pair's translation direction flips and the score collapses."""
+    from mvcustom.geometry.trajectories import lateral
+
+    cams = lateral(
+        8, span=1.0, radius=2.0, elevation_deg=20.0, target=(0.0, 0.0, 0.35), image_hw=CPA_HW, fov_deg=60.0
+    )
+    frames = render(make_scene("car", 3, 3), cams).rgb.numpy()
+    s = pose_accuracy(frames, cams)
+    assert s.method == "sfm" and not s.failed and s.score >= 0.95, s
+    reverse = pose_accuracy(frames[::-1].copy(), cams)
+    assert reverse.score <= 0.1, reverse
 
 
 # ---------------------------------------------------------------------------- similarity metrics
@@ -238,7 +287,7 @@ def test_clip_encoder_round_trip_and_preprocessing(tmp_path, sim_views):
 
 
 def test_image_backbone_as_distance_model(tmp_path, sim_views):
-    """A DINOv2 backbone (AutoModel) gives image-only embeddings for the DreamSim-style distances."""
+    """A DINOv2 backbone (AutoModel) gives image-only embeddings for the fallback distances."""
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(0)
@@ -286,3 +335,96 @@ def test_text_alignment_scores_the_class_word_not_the_subject_token():
     assert class_word_prompt("<sks> on a beach", None) == "on a beach"
     assert class_word_prompt("a plain prompt", "car") == "a plain prompt"
     assert class_word_prompt("a <sks> Teddybear", "teddybear") == "a Teddybear"
+
+
+def test_clip_image_similarity_known_answers(sim_views, encoder):
+    """Appendix Table A1's CLIP image similarity: 1 for the references themselves, and the same
+    subject's views above another subject's."""
+    from mvcustom.metrics import clip_image_similarity
+
+    views, refs, other = sim_views
+    r = encoder.encode_images(refs)
+    assert clip_image_similarity(r[:1], r[:1]) == pytest.approx(1.0)
+    same = clip_image_similarity(encoder.encode_images(views), r)
+    different = clip_image_similarity(encoder.encode_images(other), r)
+    assert same > different
+    scores = score_views(encoder, views, refs, "a car")
+    assert scores["clip_image_similarity"] == pytest.approx(same)
+    assert scores["clip_model"] == encoder.label
+
+
+def test_distance_model_is_named_and_never_called_dreamsim_when_it_is_not(tmp_path, sim_views, monkeypatch):
+    """The results name the distances' model: CLIP or a backbone as a labelled fallback; DreamSim
+    (through the dreamsim package, here a stand-in module with its API) by name."""
+    import sys
+    import types
+
+    from mvcustom.metrics import DreamSimEncoder
+
+    views, refs, _ = sim_views
+    clip = ImageTextEncoder.tiny(seed=0)
+    assert score_views(clip, views, refs, "a car")["distance_model"].endswith(
+        "embedding cosine (not DreamSim)"
+    )
+
+    monkeypatch.setitem(sys.modules, "dreamsim", None)  # the package is absent from the CPU env
+    with pytest.raises(ImportError, match="needs the `dreamsim` package"):
+        DreamSimEncoder.from_pretrained(str(tmp_path))
+
+    calls = {}
+
+    class Perceptual(torch.nn.Module):  # the package's PerceptualModel API: embed, forward = 1 - cos
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(3 * 8 * 8, 16)
+
+        def embed(self, x):
+            return self.proj(torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1))
+
+        def forward(self, a, b):
+            return 1 - torch.nn.functional.cosine_similarity(self.embed(a), self.embed(b), dim=-1)
+
+    def dreamsim(
+        pretrained=True, device="cuda", cache_dir="./models", normalize_embeds=True, dreamsim_type="ensemble"
+    ):
+        calls.update(cache_dir=cache_dir, device=device, dreamsim_type=dreamsim_type, pretrained=pretrained)
+        torch.manual_seed(0)
+
+        def preprocess(pil):
+            return (
+                torch.from_numpy(np.array(pil.convert("RGB").resize((24, 24)))).permute(2, 0, 1)[None] / 255.0
+            )
+
+        return Perceptual(), preprocess
+
+    monkeypatch.setitem(sys.modules, "dreamsim", types.SimpleNamespace(dreamsim=dreamsim))
+    with pytest.raises(FileNotFoundError, match="DreamSim's checkpoints"):
+        DreamSimEncoder.from_pretrained(str(tmp_path / "missing"))
+    ds = DreamSimEncoder.from_pretrained(str(tmp_path), dreamsim_type="dino_vitb16")
+    assert calls == {
+        "cache_dir": str(tmp_path),
+        "device": "cpu",
+        "dreamsim_type": "dino_vitb16",
+        "pretrained": True,
+    }
+    scores = score_views(clip, views, refs, "a car", distance_encoder=ds)
+    assert scores["distance_model"] == "DreamSim (dino_vitb16)"
+    # our distance on its embeddings is the package's own distance, pair by pair
+    from PIL import Image
+
+    x = torch.cat([ds._preprocess(Image.fromarray(v)) for v in views])
+    with torch.no_grad():
+        own = ds.model(x[:-1], x[1:]).mean()
+    assert scores["multiview_consistency"] == pytest.approx(float(own), abs=1e-5)
+
+
+def test_metric_models_config_resolves_the_distance():
+    from mvcustom.configs.evaluate import MetricModelsConfig
+
+    assert MetricModelsConfig().distance == "clip"
+    assert MetricModelsConfig(dreamsim="/w").distance == "dreamsim"
+    assert MetricModelsConfig(distance_backbone="facebook/dinov2-base").distance == "backbone"
+    with pytest.raises(ValueError, match="needs metric_models.dreamsim"):
+        MetricModelsConfig(distance="dreamsim")
+    with pytest.raises(ValueError, match="needs metric_models.distance_backbone"):
+        MetricModelsConfig(distance="backbone")

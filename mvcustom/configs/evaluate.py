@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from mvcustom.configs.base import check
 from mvcustom.configs.common import ClipConfig, MlflowConfig, RayConfig
@@ -64,19 +65,40 @@ class MetricModelsConfig:
     """Feature models of the metrics (``from_pretrained`` paths or hub ids).
 
     Attributes:
-        clip: a CLIP model (text alignment; also the image distances when ``dreamsim`` is unset).
-            ``None``: a tiny random CLIP (tests and the demo only; its figures mean nothing).
-        dreamsim: an image backbone for the consistency and identity distances (PAPER.md §6:
-            DreamSim); ``None``: use ``clip``.
+        clip: a CLIP model (text alignment and CLIP image similarity; also the distances when
+            ``distance`` is ``clip``). ``None``: a tiny random CLIP (tests and the demo only; its
+            figures mean nothing).
+        distance: what multi-view consistency and identity are computed with: ``dreamsim``
+            (the paper's DreamSim through the ``dreamsim`` package, weights from ``dreamsim``),
+            ``backbone`` (the cosine distance of ``distance_backbone``'s embeddings, e.g.
+            DINOv2: a labelled fallback) or ``clip`` (of CLIP's image embeddings: a labelled
+            fallback). ``null``: ``dreamsim`` when ``dreamsim`` is set, else ``backbone`` when
+            ``distance_backbone`` is set, else ``clip``. Results name it in ``distance_model``.
+        dreamsim: local folder of DreamSim's checkpoints (the package's ``cache_dir``).
+        dreamsim_type: DreamSim variant (``ensemble``: the paper's default model).
+        distance_backbone: an image backbone folder or hub id for ``distance: backbone``.
         pose_threshold_deg: pose accuracy counts a frame pair correct below this error.
     """
 
     clip: str | None = None
+    distance: Literal["dreamsim", "backbone", "clip"] | None = None
     dreamsim: str | None = None
+    dreamsim_type: str = "ensemble"
+    distance_backbone: str | None = None
     pose_threshold_deg: float = 10.0
 
     def __post_init__(self) -> None:
         check(self.pose_threshold_deg > 0, "metric_models.pose_threshold_deg must be positive")
+        if self.distance is None:
+            self.distance = "dreamsim" if self.dreamsim else "backbone" if self.distance_backbone else "clip"
+        check(
+            self.distance != "dreamsim" or bool(self.dreamsim),
+            "metric_models.distance=dreamsim needs metric_models.dreamsim (the folder of DreamSim's weights)",
+        )
+        check(
+            self.distance != "backbone" or bool(self.distance_backbone),
+            "metric_models.distance=backbone needs metric_models.distance_backbone (an image model folder or hub id)",
+        )
 
 
 @dataclass

@@ -90,6 +90,89 @@ def _interpolate_missing(cams: Cameras, positions: list[int], total: int) -> tup
     return Cameras(torch.from_numpy(w2c), cams.K[nearest], cams.image_hw[nearest]), missing
 
 
+def quiet_colmap() -> None:
+    """Silence COLMAP's glog output in this process (fatal messages only). Per-image INFO lines
+    would flood worker logs, and its ERROR lines ("Failed to create any sparse model") are
+    expected outcomes that the caller reports once, with the reason, in its results
+    (:class:`SfmResult.reason`, error records, ``pose_failure_reason``)."""
+    import pycolmap
+
+    pycolmap.logging.minloglevel = 3
+    pycolmap.logging.stderrthreshold = 3
+
+
+def _extract_and_match(frames, img_dir: Path, db: Path, cfg: SfmConfig, K, one_size: bool) -> list[str]:
+    """Write the frames as images, extract SIFT features into a COLMAP database and match them
+    (``cfg.matcher``; COLMAP's geometric verification stores each pair's two-view geometry).
+    Returns the image names, in frame order."""
+    import pycolmap
+
+    img_dir.mkdir()
+    names = [f"{i:05d}.png" for i in range(len(frames))]
+    for name, fr in zip(names, frames, strict=True):
+        Image.fromarray(fr).save(img_dir / name)
+    reader = pycolmap.ImageReaderOptions()
+    if K is None:
+        reader.camera_model = "SIMPLE_PINHOLE"
+    else:
+        reader.camera_model = "PINHOLE"
+        reader.camera_params = ",".join(str(float(v)) for v in (K[0, 0], K[1, 1], K[0, 2], K[1, 2]))
+    extraction = pycolmap.FeatureExtractionOptions()
+    extraction.num_threads = cfg.num_threads
+    cpu = pycolmap.Device.cpu
+    pycolmap.extract_features(
+        db,
+        img_dir,
+        camera_mode=pycolmap.CameraMode.SINGLE if one_size else pycolmap.CameraMode.PER_IMAGE,
+        reader_options=reader,
+        extraction_options=extraction,
+        device=cpu,
+    )
+    matching = pycolmap.FeatureMatchingOptions()
+    matching.num_threads = cfg.num_threads
+    if cfg.matcher == "sequential":
+        pairing = pycolmap.SequentialPairingOptions()
+        pairing.overlap = cfg.overlap
+        pycolmap.match_sequential(db, matching_options=matching, pairing_options=pairing, device=cpu)
+    else:
+        pycolmap.match_exhaustive(db, matching_options=matching, device=cpu)
+    return names
+
+
+def pairwise_homographies(
+    frames: np.ndarray, cfg: SfmConfig, workdir: str | None = None, min_inliers: int = 15
+) -> dict[tuple[int, int], np.ndarray]:
+    """The homography ``x_j ~ H x_i`` of every frame pair ``i < j`` that COLMAP's geometric
+    verification found (features and matching as :func:`run_sfm`), with at least
+    ``min_inliers`` inlier matches. Views from one camera centre (a zoom, a pan) are related by
+    exactly such a homography, ``H = K_j R_ij K_i^{-1}``, where SfM cannot triangulate anything."""
+    import pycolmap
+
+    quiet_colmap()
+    with tempfile.TemporaryDirectory(dir=workdir) as d:
+        img_dir, db = Path(d) / "images", Path(d) / "database.db"
+        names = _extract_and_match(frames, img_dir, db, cfg, None, True)
+        database = pycolmap.Database.open(db)
+        try:
+            ids = {im.name: im.image_id for im in database.read_all_images()}
+            out = {}
+            for i in range(len(names)):
+                for j in range(i + 1, len(names)):
+                    a, b = ids[names[i]], ids[names[j]]
+                    if not database.exists_two_view_geometry(a, b):
+                        continue
+                    geometry = database.read_two_view_geometry(a, b)
+                    H = np.asarray(geometry.H, dtype=np.float64)
+                    if len(geometry.inlier_matches) < min_inliers or not np.isfinite(H).all():
+                        continue
+                    if abs(np.linalg.det(H)) < 1e-12:
+                        continue
+                    out[(i, j)] = H
+        finally:
+            database.close()
+    return out
+
+
 def run_sfm(
     frames: np.ndarray | list[np.ndarray],
     cfg: SfmConfig,
@@ -110,7 +193,7 @@ def run_sfm(
     """
     import pycolmap
 
-    pycolmap.logging.minloglevel = 2  # errors only: per-image INFO lines would flood worker logs
+    quiet_colmap()
     n = len(frames)
     one_size = len({tuple(fr.shape[:2]) for fr in frames}) == 1
     K = None
@@ -121,37 +204,8 @@ def run_sfm(
         if not one_size:
             raise ValueError("shared intrinsics need frames of one size; these differ in size")
     with tempfile.TemporaryDirectory(dir=workdir) as d:
-        img_dir = Path(d) / "images"
-        img_dir.mkdir()
-        names = [f"{i:05d}.png" for i in range(n)]
-        for name, fr in zip(names, frames, strict=True):
-            Image.fromarray(fr).save(img_dir / name)
-        db = Path(d) / "database.db"
-        reader = pycolmap.ImageReaderOptions()
-        if K is None:
-            reader.camera_model = "SIMPLE_PINHOLE"
-        else:
-            reader.camera_model = "PINHOLE"
-            reader.camera_params = ",".join(str(float(v)) for v in (K[0, 0], K[1, 1], K[0, 2], K[1, 2]))
-        extraction = pycolmap.FeatureExtractionOptions()
-        extraction.num_threads = cfg.num_threads
-        cpu = pycolmap.Device.cpu
-        pycolmap.extract_features(
-            db,
-            img_dir,
-            camera_mode=pycolmap.CameraMode.SINGLE if one_size else pycolmap.CameraMode.PER_IMAGE,
-            reader_options=reader,
-            extraction_options=extraction,
-            device=cpu,
-        )
-        matching = pycolmap.FeatureMatchingOptions()
-        matching.num_threads = cfg.num_threads
-        if cfg.matcher == "sequential":
-            pairing = pycolmap.SequentialPairingOptions()
-            pairing.overlap = cfg.overlap
-            pycolmap.match_sequential(db, matching_options=matching, pairing_options=pairing, device=cpu)
-        else:
-            pycolmap.match_exhaustive(db, matching_options=matching, device=cpu)
+        img_dir, db = Path(d) / "images", Path(d) / "database.db"
+        names = _extract_and_match(frames, img_dir, db, cfg, K, one_size)
         out = Path(d) / "sparse"
         out.mkdir()
         if cfg.mapper == "incremental":

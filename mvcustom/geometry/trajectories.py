@@ -8,6 +8,8 @@ trajectories, PAPER.md §6):
 * ``orbit``: full or partial circle around the target at fixed elevation;
 * ``arc``: an orbit segment (alias with a span argument);
 * ``forward``: dolly towards the target (translation only; ``zoom`` changes focal instead);
+* ``lateral``: truck sideways along the camera's x axis with a fixed orientation (the paper's
+  x-translation trajectory, Fig. 5a);
 * ``spiral``: orbit whose elevation and radius oscillate (LLFF-style spiral path).
 """
 
@@ -125,6 +127,31 @@ def zoom(
     return Cameras(cams.w2c, intrinsics_matrix(f, f, W / 2, H / 2), image_hw)
 
 
+def lateral(
+    num_frames: int,
+    span: float = 1.0,
+    radius: float = 3.0,
+    azimuth_deg: float = 0.0,
+    elevation_deg: float = 10.0,
+    target=(0.0, 0.0, 0.0),
+    up=(0.0, 0.0, 1.0),
+    image_hw: tuple[int, int] = (256, 256),
+    fov_deg: float = 50.0,
+) -> Cameras:
+    """Translate along the camera's x axis (image right) over ``span`` world units, centred on
+    the view from ``azimuth_deg``/``elevation_deg`` at ``radius``, which looks at ``target``; the
+    orientation never changes (translation only, no panning to follow the target)."""
+    middle = forward(1, radius, radius, azimuth_deg, elevation_deg, target, up, image_hw, fov_deg)
+    R = middle.R[0]
+    right = R[0]  # the camera's x axis in world coordinates (first row of R)
+    s = torch.linspace(-span / 2, span / 2, num_frames, dtype=torch.float64)
+    centers = middle.centers[0] + s.unsqueeze(-1) * right
+    w2c = torch.eye(4, dtype=torch.float64).repeat(num_frames, 1, 1)
+    w2c[:, :3, :3] = R
+    w2c[:, :3, 3] = -centers @ R.T
+    return Cameras(w2c, default_intrinsics(num_frames, image_hw, fov_deg), image_hw)
+
+
 def spiral(
     num_frames: int,
     radius: float = 3.0,
@@ -146,11 +173,18 @@ def spiral(
     return _cams_on_sphere(az, el, r, target, up, image_hw, fov_deg)
 
 
-TRAJECTORIES = {"orbit": orbit, "arc": arc, "forward": forward, "zoom": zoom, "spiral": spiral}
+TRAJECTORIES = {
+    "orbit": orbit,
+    "arc": arc,
+    "forward": forward,
+    "zoom": zoom,
+    "lateral": lateral,
+    "spiral": spiral,
+}
 
 
 def make_trajectory(kind: str, num_frames: int, **kwargs) -> Cameras:
-    """Build a trajectory by name (``orbit``, ``arc``, ``forward``, ``zoom``, ``spiral``)."""
+    """Build a trajectory by name (``orbit``, ``arc``, ``forward``, ``zoom``, ``lateral``, ``spiral``)."""
     if kind not in TRAJECTORIES:
         raise ValueError(f"unknown trajectory {kind!r}; choose one of {sorted(TRAJECTORIES)}")
     return TRAJECTORIES[kind](num_frames, **kwargs)
@@ -216,6 +250,7 @@ def place_trajectory(
         "radius": frame["radius"],
         "start_radius": frame["radius"],
         "end_radius": 0.7 * frame["radius"],
+        "span": 0.5 * frame["radius"],  # lateral: a quarter of the distance either side
         "elevation_deg": frame["elevation_deg"],
         "start_azimuth_deg": frame["azimuth_deg"],
         "azimuth_deg": frame["azimuth_deg"],

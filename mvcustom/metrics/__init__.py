@@ -3,16 +3,19 @@
 * :func:`pose_accuracy`: camera pose accuracy (pycolmap SfM on the generated views, relative
   poses against the requested cameras);
 * :func:`multiview_consistency`, :func:`identity_distance`, :func:`text_alignment`,
-  :func:`score_views`: embedding-similarity metrics over an :class:`ImageTextEncoder` (CLIP, or
-  an image backbone as the DreamSim-style distance).
+  :func:`clip_image_similarity`, :func:`score_views`: embedding-similarity metrics over an
+  :class:`ImageTextEncoder` (CLIP; an image backbone) or a :class:`DreamSimEncoder` (the paper's
+  DreamSim, through the ``dreamsim`` package).
 
 Heavy dependencies (pycolmap, transformers) are imported inside the functions that need them.
 """
 
-from mvcustom.metrics.features import ImageTextEncoder
+from mvcustom.metrics.features import DreamSimEncoder, ImageTextEncoder
 from mvcustom.metrics.pose import PoseScore, default_sfm_config, pose_accuracy
 from mvcustom.metrics.similarity import (
     class_word_prompt,
+    clip_image_similarity,
+    distance_label,
     identity_distance,
     multiview_consistency,
     score_views,
@@ -20,9 +23,12 @@ from mvcustom.metrics.similarity import (
 )
 
 __all__ = [
+    "DreamSimEncoder",
     "ImageTextEncoder",
     "PoseScore",
     "class_word_prompt",
+    "clip_image_similarity",
+    "distance_label",
     "default_sfm_config",
     "identity_distance",
     "multiview_consistency",

@@ -5,14 +5,16 @@
 * a ``CLIPModel`` (``model_type == "clip"``) plus its tokenizer: image *and* text embeddings, the
   projected CLIP features (text alignment, CLIP image similarity);
 * any image backbone ``AutoModel`` loads (DINOv2, a CLIP vision tower, ...): image embeddings
-  only. This is our stand-in for DreamSim (multi-view consistency and identity, PAPER.md §6):
-  the distance is the cosine distance between the backbone's pooled embeddings (DINOv2: CLS after
+  only, the labelled fallback for the DreamSim distances (multi-view consistency and identity,
+  PAPER.md §6): the cosine distance between the backbone's pooled embeddings (DINOv2: CLS after
   the final layer norm; CLIP vision: the pooled, or with ``CLIPVisionModelWithProjection`` the
-  projected, CLS token). That is exactly DreamSim's form (``1 - cos`` of ViT embeddings) without
-  its fine-tuned LoRA/MLP heads. Real DreamSim needs the PyPI ``dreamsim`` package (0.2.1 imports
-  torchvision, open_clip, timm and peft at import time and downloads its checkpoints itself), which
-  this project does not depend on; numbers computed here are therefore "DreamSim-style", not
-  comparable digit for digit with the paper's.
+  projected, CLS token). That is DreamSim's form (``1 - cos`` of ViT embeddings) without its
+  fine-tuned LoRA heads, so the results never call it DreamSim
+  (:func:`mvcustom.metrics.similarity.distance_label`).
+
+:class:`DreamSimEncoder` is the real DreamSim, through the PyPI ``dreamsim`` package (weights
+from a folder; the package needs torchvision, installed in the Docker image, not in the CPU
+environment).
 
 Preprocessing is pure torch (no torchvision, no image-processor download): resize the shortest
 side to ``resize_to`` (bicubic, antialiased), centre-crop ``crop_size`` square, scale to [0, 1],
@@ -130,6 +132,8 @@ class ImageTextEncoder:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.batch_size = batch_size
+        #: what the results call this model (set by the constructors; ``label`` kwarg overrides)
+        self.label = type(model).__name__
 
     @property
     def is_clip(self) -> bool:
@@ -190,8 +194,11 @@ class ImageTextEncoder:
             "mean": tuple(pre.get("image_mean", mean)),
             "std": tuple(pre.get("image_std", std)),
         }
+        label = kwargs.pop("label", None)
         opts.update(kwargs)
-        return cls(model.to(device=device, dtype=dtype), tokenizer, **opts)
+        encoder = cls(model.to(device=device, dtype=dtype), tokenizer, **opts)
+        encoder.label = label or f"{config.model_type} {path}"
+        return encoder
 
     @classmethod
     def tiny(
@@ -224,7 +231,9 @@ class ImageTextEncoder:
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
             torch.manual_seed(seed)
             model = CLIPModel(config)
-        return cls(model, tokenizer, crop_size=image_size)
+        encoder = cls(model, tokenizer, crop_size=image_size)
+        encoder.label = f"tiny random CLIP (seed {seed})"
+        return encoder
 
     def save_pretrained(self, path: str) -> None:
         """Write model, tokenizer and a ``preprocessor_config.json`` that reloads identically."""
@@ -300,4 +309,70 @@ class ImageTextEncoder:
                 input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
             )
             feats.append(_pooled(out).float().cpu())
+        return F.normalize(torch.cat(feats), dim=-1)
+
+
+class DreamSimEncoder:
+    """DreamSim (Fu et al. 2023) image embeddings through the PyPI ``dreamsim`` package: the
+    paper's distance for multi-view consistency and identity (PAPER.md §6).
+
+    DreamSim's distance between two images is ``1 - cos`` of their embeddings
+    (``PerceptualModel.forward``), so :func:`mvcustom.metrics.similarity.multiview_consistency` and
+    :func:`~mvcustom.metrics.similarity.identity_distance` on these embeddings are DreamSim
+    distances. Preprocessing is the package's own (bicubic resize to 224x224, no crop).
+
+    The package imports torchvision, which this project's CPU torch build cannot load, so it is
+    not a dependency of the CPU environment: the Docker image installs it
+    (``infra/docker/Dockerfile``). Weights come from a folder (the package's ``cache_dir``,
+    holding what ``dreamsim(pretrained=True, cache_dir=...)`` downloads once); a folder without
+    them makes the package try to download, which an offline node refuses.
+    """
+
+    def __init__(self, model, preprocess, dreamsim_type: str = "ensemble", batch_size: int = 16):
+        self.model = model
+        self._preprocess = preprocess
+        self.batch_size = batch_size
+        self.label = f"DreamSim ({dreamsim_type})"
+
+    @classmethod
+    def from_pretrained(
+        cls, weights: str, device: str | torch.device = "cpu", dreamsim_type: str = "ensemble"
+    ) -> DreamSimEncoder:
+        """Load DreamSim from the local folder ``weights`` (see the class docstring)."""
+        import inspect
+
+        try:
+            from dreamsim import dreamsim
+        except ImportError as e:
+            raise ImportError(
+                "metric_models.distance=dreamsim needs the `dreamsim` package (pip install dreamsim==0.2.1 "
+                "torchvision matching torch; the Docker image has both). Without it, set "
+                "metric_models.distance to backbone (metric_models.distance_backbone: a DINOv2 / CLIP "
+                "vision folder) or clip: the results then label the distances as that fallback"
+            ) from e
+        if not os.path.isdir(weights):
+            raise FileNotFoundError(
+                f"metric_models.dreamsim={weights!r} is not a local folder: it must hold DreamSim's "
+                "checkpoints (the cache_dir of dreamsim(pretrained=True, cache_dir=...))"
+            )
+        kwargs = {"pretrained": True, "device": str(device), "cache_dir": weights, "normalize_embeds": True}
+        if "dreamsim_type" in inspect.signature(dreamsim).parameters:
+            kwargs["dreamsim_type"] = dreamsim_type
+        elif dreamsim_type != "ensemble":
+            raise ValueError(f"this dreamsim package has only the ensemble model, not {dreamsim_type!r}")
+        model, preprocess = dreamsim(**kwargs)
+        return cls(model, preprocess, dreamsim_type)
+
+    @torch.no_grad()
+    def encode_images(self, images: np.ndarray | Tensor) -> Tensor:
+        """``images (N, H, W, 3)`` -> ``(N, D)`` float32 L2-normalised DreamSim embeddings (CPU)."""
+        from PIL import Image
+
+        x = as_image_batch(images)
+        pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in x]
+        device = next(self.model.parameters()).device
+        feats = []
+        for i in range(0, len(pil), self.batch_size):
+            batch = torch.cat([self._preprocess(p) for p in pil[i : i + self.batch_size]]).to(device)
+            feats.append(self.model.embed(batch).reshape(batch.shape[0], -1).float().cpu())
         return F.normalize(torch.cat(feats), dim=-1)

@@ -22,6 +22,17 @@ thresholds are NF (PAPER.md §6, §8 item 8), so this is ours:
    and the pair is judged on rotation alone. A reconstruction that fails scores 0.0, with
    ``failed=True`` and the reason.
 
+**Trajectories from one camera centre** (``zoom``: only the focal changes; a pure pan): no
+baseline, so SfM can triangulate nothing and would fail every such clip. These are scored from the
+homography COLMAP's geometric verification estimates for each pair
+(:func:`mvcustom.geometry.sfm.pairwise_homographies`): views from one centre satisfy
+``H = K_j R_ij K_i^{-1}`` exactly, so with the requested intrinsics ``M = K_j^{-1} H K_i`` (scaled
+to unit determinant) must be the requested relative rotation. A pair is correct when the
+rotation nearest to ``M`` is within ``threshold_deg`` of the requested one *and* ``M`` is a
+rotation to within ``zoom_tolerance`` (``sigma_max / sigma_min - 1`` of its singular values: a
+clip zoomed by the wrong factor leaves ``M = diag(a, a, 1)``-like, ``a`` the focal ratio's error).
+Pairs without a verified homography fail. ``PoseScore.method`` says which path scored a clip.
+
 Relative poses of an orbit depend only on the index difference of a pair, so a reordering that
 keeps index differences (a cyclic shift) goes largely unnoticed on a closed orbit; reorderings that
 change them score near 0.
@@ -67,6 +78,9 @@ class PoseScore:
         center_error: ``(R,)`` distance of each aligned centre to its requested one (world
             units of the requested cameras), with ``recovered``.
         threshold_deg: the threshold used. num_points: triangulated points.
+        method: ``sfm`` (reconstruction), or ``homography`` for trajectories from one camera
+            centre (see the module docstring). zoom_error: with ``homography``, the median over
+            the verified pairs of ``sigma_max / sigma_min - 1`` of ``K_j^{-1} H K_i``.
     """
 
     score: float
@@ -83,6 +97,8 @@ class PoseScore:
     center_error: torch.Tensor | None = None
     threshold_deg: float = 10.0
     num_points: int = 0
+    method: str = "sfm"
+    zoom_error: float | None = None
 
 
 def _check_frames(frames) -> np.ndarray:
@@ -104,6 +120,7 @@ def pose_accuracy(
     threshold_deg: float = 10.0,
     known_intrinsics: bool = True,
     workdir: str | None = None,
+    zoom_tolerance: float = 0.05,
 ) -> PoseScore:
     """Camera pose accuracy of generated ``frames`` against the ``requested`` cameras.
 
@@ -116,6 +133,8 @@ def pose_accuracy(
         known_intrinsics: give COLMAP the requested intrinsics (rescaled to the frame size; all
             requested cameras must share one ``K``) and keep them fixed; else estimate a focal.
         workdir: parent folder of SfM's temporary workspace.
+        zoom_tolerance: trajectories from one camera centre: how far ``K_j^{-1} H K_i`` may be
+            from a rotation (module docstring).
     Returns:
         a :class:`PoseScore`.
     """
@@ -128,6 +147,16 @@ def pose_accuracy(
     if not threshold_deg > 0:
         raise ValueError(f"threshold_deg must be positive, got {threshold_deg}")
     requested = requested.to(dtype=torch.float64)
+    C = requested.centers
+    if float((C - C[0]).norm(dim=-1).max()) <= 1e-6 * max(1.0, float(C.norm(dim=-1).max())):
+        return _one_centre_accuracy(
+            frames,
+            requested.resize(H, W),
+            cfg or default_sfm_config(),
+            threshold_deg,
+            zoom_tolerance,
+            workdir,
+        )
     K = None
     if known_intrinsics:
         scaled = requested.resize(H, W)  # K in pixels of the frames actually scored
@@ -173,4 +202,54 @@ def pose_accuracy(
             out.center_error = info["center_error"]
         except ValueError:  # collinear centres (dolly / truck): the similarity is undetermined
             out.recovered = None
+    return out
+
+
+def _one_centre_accuracy(
+    frames: np.ndarray,
+    requested: Cameras,
+    cfg: SfmConfig,
+    threshold_deg: float,
+    zoom_tolerance: float,
+    workdir,
+) -> PoseScore:
+    """Pose accuracy of a trajectory whose cameras share one centre (module docstring)."""
+    from mvcustom.geometry.align import rotation_angle_deg
+    from mvcustom.geometry.sfm import pairwise_homographies
+
+    n = len(requested)
+    pairs_total = n * (n - 1) // 2
+    K = requested.K.numpy()
+    R = requested.R.numpy()
+    homographies = pairwise_homographies(frames, cfg, workdir=workdir)
+    rot_errors, zoom_errors, correct, seen = [], [], 0, set()
+    for (i, j), H in sorted(homographies.items()):
+        M = np.linalg.inv(K[j]) @ H @ K[i]
+        M = M / np.cbrt(np.linalg.det(M))  # unit determinant (also fixes H's arbitrary sign)
+        U, sv, Vt = np.linalg.svd(M)
+        nearest = U @ np.diag([1.0, 1.0, np.linalg.det(U @ Vt)]) @ Vt
+        requested_ij = R[j] @ R[i].T
+        rot = float(rotation_angle_deg(torch.from_numpy(nearest @ requested_ij.T)[None])[0])
+        zoom = float(sv[0] / sv[2] - 1.0)
+        rot_errors.append(rot)
+        zoom_errors.append(zoom)
+        correct += int(rot < threshold_deg and zoom < zoom_tolerance)
+        seen.update((i, j))
+    out = PoseScore(
+        score=correct / pairs_total,
+        registered=len(seen),
+        total=n,
+        failed=not homographies,
+        reason=None
+        if homographies
+        else "no frame pair has a verified homography (too little texture or overlap)",
+        pairs_correct=correct,
+        pairs_total=pairs_total,
+        registered_frames=sorted(seen),
+        threshold_deg=float(threshold_deg),
+        method="homography",
+    )
+    if rot_errors:
+        out.rotation_error_deg = float(np.median(rot_errors))
+        out.zoom_error = float(np.median(zoom_errors))
     return out

@@ -1,6 +1,7 @@
 """Embedding-similarity metrics of Table 2 (PAPER.md §6): consistency, identity, text alignment.
 
-All three are cosines between embeddings (:class:`~mvcustom.metrics.features.ImageTextEncoder`);
+All are cosines between embeddings (:class:`~mvcustom.metrics.features.ImageTextEncoder`, or
+:class:`~mvcustom.metrics.features.DreamSimEncoder` for the DreamSim distances);
 inputs are re-normalised here, so any ``(N, D)`` features work. Units are raw cosines in [-1, 1]
 (distances ``1 - cos`` in [0, 2]), not the x100 "CLIP score" some papers print.
 
@@ -11,6 +12,8 @@ inputs are re-normalised here, so any ``(N, D)`` features work. Units are raw co
 * **Identity** (lower is better): DreamSim between generated views and the reference images
   (masking/cropping NF). Ours: the mean cosine distance over every (generated view, reference
   image) pair, whole frames, no masking.
+* **CLIP image similarity** (higher is better; appendix Table A1): the mean cosine between the
+  CLIP image embeddings of every (generated view, reference image) pair.
 * **Text alignment** (higher is better): "text alignment", probably CLIP text-image (NF). Ours:
   the mean cosine between each view's CLIP image embedding and the prompt's CLIP text embedding.
   The caller decides the prompt text (e.g. the subject token ``V*`` replaced by its class word,
@@ -107,6 +110,24 @@ def class_word_prompt(prompt: str, class_word: str | None) -> str:
     return re.sub(r"\s+", " ", _TOKEN.sub(swap, prompt)).strip()
 
 
+def clip_image_similarity(view_features: Tensor, reference_features: Tensor) -> float:
+    """Mean CLIP image-image cosine over every (view, reference) pair (higher is better).
+
+    Args:
+        view_features: ``(F, D)`` CLIP image embeddings of the views; reference_features: ``(R, D)``.
+    """
+    return 1.0 - identity_distance(view_features, reference_features)
+
+
+def distance_label(encoder) -> str:
+    """What the results call the distance model: DreamSim by name, anything else as the
+    fallback it is (never a CLIP or DINO distance under DreamSim's name)."""
+    from mvcustom.metrics.features import DreamSimEncoder
+
+    label = getattr(encoder, "label", type(encoder).__name__)
+    return label if isinstance(encoder, DreamSimEncoder) else f"{label}, embedding cosine (not DreamSim)"
+
+
 def score_views(
     encoder: ImageTextEncoder,
     frames: np.ndarray | Tensor,
@@ -121,10 +142,14 @@ def score_views(
         frames: ``(F, H, W, 3)`` uint8 generated views in trajectory order, ``F >= 2``.
         references: ``(R, H', W', 3)`` uint8 reference images of the subject.
         prompt: the text the views are scored against.
-        distance_encoder: the image backbone for consistency and identity (the DreamSim-style
-            model, MetricModelsConfig.dreamsim); ``None`` uses ``encoder``.
+        distance_encoder: the model of the consistency and identity distances (a
+            :class:`~mvcustom.metrics.features.DreamSimEncoder`, or an image backbone as the
+            labelled fallback); ``None`` uses ``encoder``.
     Returns:
-        ``{"multiview_consistency", "identity", "text_alignment"}`` (PAPER.md §6, Table 2).
+        ``{"multiview_consistency", "identity", "text_alignment", "clip_image_similarity",
+        "distance_model", "clip_model"}`` (PAPER.md §6, Table 2 and appendix Table A1);
+        ``distance_model`` names what the two distances were computed with
+        (:func:`distance_label`), ``clip_model`` the CLIP of the other two.
     """
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
@@ -134,9 +159,13 @@ def score_views(
         raise ValueError(f"frames must hold at least 2 views for consistency, got {view_dist.shape[0]}")
     ref_dist = dist.encode_images(references)
     view_clip = view_dist if dist is encoder else encoder.encode_images(frames)
+    ref_clip = ref_dist if dist is encoder else encoder.encode_images(references)
     text = encoder.encode_texts([prompt])[0]
     return {
         "multiview_consistency": multiview_consistency(view_dist),
         "identity": identity_distance(view_dist, ref_dist),
         "text_alignment": text_alignment(view_clip, text),
+        "clip_image_similarity": clip_image_similarity(view_clip, ref_clip),
+        "distance_model": distance_label(dist),
+        "clip_model": getattr(encoder, "label", type(encoder).__name__),
     }
