@@ -81,11 +81,19 @@ def main(argv: list[str] | None = None) -> dict:
             from pipelines.preprocess import failure_report
 
             raise SystemExit(failure_report(s, "make demo"))
-        s["mlflow_run_id"] = log_job(cfg, cfg.mlflow, s)
+        artifacts = {}
+        if s["clips_written"]:  # look at the data before training on it
+            from mvcustom.data.inspector import inspect_shards
+
+            (s["inspector"],) = inspect_shards(cfg.output, f"{out}/inspect/{source}", samples=3)
+            artifacts["inspector"] = f"{out}/inspect/{source}"
+        s["mlflow_run_id"] = log_job(cfg, cfg.mlflow, s, artifacts)
         summaries[source] = s
         print(
             f"  {source}: {s['clips_written']} clips in {s['shards_total']} shards, {s['errors']} error records, {s['seconds']} s -> {cfg.output}"
         )
+        if s.get("inspector"):
+            print(f"    shard inspector: {s['inspector']}")
         for stage, info in s["failure_reasons"].items():
             print(f"    {stage}: {info['count']} (e.g. {info['examples'][0]})")
 
@@ -149,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
         "prompts": ["a photo of a <sks> teddybear in a garden"],
         "trajectories": [
             {"name": "arc60", "kind": "arc", "span_deg": 60},
-            {"name": "dolly", "kind": "forward"},
+            {"name": "lateral", "kind": "lateral"},  # the paper's x-translation (Fig. 5a)
+            {"name": "zoom", "kind": "zoom", "end_fov_deg": 30},  # scored by homography
         ],
         "seeds": [0],
         "variants": {"mvcustom": {}, "no_rendering": {"feature_rendering": False}},
@@ -190,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         "error_records": {k: v["errors"] for k, v in summaries.items()},
         "mlflow": mlflow_uri,
         "mlflow_runs": {k: v["mlflow_run_id"] for k, v in summaries.items()},
+        "inspector": {k: v["inspector"] for k, v in summaries.items() if v.get("inspector")},
         "subject": f"{subject[0]}/{subject[1]}",
         "training": {
             k: {"export": v["export"], "mlflow_run_id": v["mlflow_run_id"], "loss": v["loss"]}

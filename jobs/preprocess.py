@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -33,9 +34,16 @@ def main(argv: list[str] | None = None) -> dict:
     summary = run_preprocess(cfg)
     fs, root = fsspec.core.url_to_fs(cfg.output)
     with tempfile.TemporaryDirectory() as d:  # MLflow artifacts must be local files
+        os.makedirs(f"{d}/tables")
         for name in ("manifest.parquet", "errors.parquet"):
-            fs.get(f"{root}/{name}", f"{d}/{name}")
-        summary["mlflow_run_id"] = log_job(cfg, cfg.mlflow, summary, {"tables": d})
+            fs.get(f"{root}/{name}", f"{d}/tables/{name}")
+        artifacts = {"tables": f"{d}/tables"}
+        if summary["clips_written"] and cfg.mlflow.enabled:  # the shard inspector (jobs.inspect_shards)
+            from mvcustom.data.inspector import inspect_shards
+
+            inspect_shards(cfg.output, f"{d}/inspector")
+            artifacts["inspector"] = f"{d}/inspector"
+        summary["mlflow_run_id"] = log_job(cfg, cfg.mlflow, summary, artifacts)
     print(json.dumps(summary, indent=1, ensure_ascii=False))
     if not summary["complete"]:
         from pipelines.preprocess import failure_report

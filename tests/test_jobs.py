@@ -31,6 +31,10 @@ def test_demo_job_runs_on_debug_data(tmp_path, capsys, ray_local):
     client = mlflow.tracking.MlflowClient(tracking_uri=summary["mlflow"])
     run = client.get_run(summary["mlflow_runs"]["co3d"])
     assert run.data.params["source"] == "co3d" and run.data.metrics["clips_written"] == 4
+    # the shard inspector's page: printed, written, and an artifact of the preprocessing run
+    page = summary["inspector"]["co3d"]
+    assert f"shard inspector: {page}" in out and Path(page).is_file()
+    assert "inspector/index.html" in {f.path for f in client.list_artifacts(run.info.run_id, "inspector")}
     # stage 1 then stage 2 trained (2 Ray Train workers, ZeRO-2) and exported loadable models
     from mvcustom.models import MVCustomModel
 
@@ -48,12 +52,17 @@ def test_demo_job_runs_on_debug_data(tmp_path, capsys, ray_local):
     assert MVCustomModel.from_pretrained(
         summary["training"]["customize"]["export"]
     ).config.subject_tokens == ["<sks>"]
-    # and evaluated: 2 trajectories x (with, without feature rendering), scored and reported
+    # and evaluated: 3 trajectories (arc, lateral, zoom) x (with, without feature rendering),
+    # every one scored (zoom through homographies) and reported, the models named
     ev = summary["evaluation"]
-    assert ev["scored"] == 4 and Path(ev["report"]).exists()
+    assert ev["scored"] == 6 and Path(ev["report"]).exists()
     results = pd.read_parquet(ev["results"])
     assert set(results.variant) == {"mvcustom", "no_rendering"} and (results.status == "scored").all()
-    assert "text_alignment_mean" in ev and client.get_run(ev["mlflow_run_id"]).data.metrics["scored"] == 4
+    methods = {json.loads(t)["kind"]: m for t, m in zip(results.trajectory, results.pose_method, strict=True)}
+    assert methods == {"arc": "sfm", "lateral": "sfm", "zoom": "homography"}
+    assert results.clip_image_similarity.notna().all()
+    assert results.distance_model.str.endswith("(not DreamSim)").all()
+    assert "text_alignment_mean" in ev and client.get_run(ev["mlflow_run_id"]).data.metrics["scored"] == 6
     assert "report:" in out and "MLflow run" in out
 
 

@@ -248,3 +248,14 @@ def test_mlflow_outage_and_restarts_log_each_step_once(train_shards, tmp_path):
         assert sorted(steps) == list(range(1, 9)), steps
     finally:
         server.stop()
+
+
+def test_progress_line_reports_step_loss_rate_and_eta():
+    from mvcustom.training.loop import progress_line
+
+    assert progress_line(120, 120, 1000, 0.12345, 141.2) == (
+        "step 120/1000 (12%)  loss 0.1235  0.85 steps/s  ETA 17m15s"
+    )
+    # a resumed run's rate counts its own steps only: 2 steps in 4 s, 3996 left
+    assert progress_line(2, 6, 4002, 1.0, 4.0).endswith("0.50 steps/s  ETA 2h13m")
+    assert progress_line(1, 4, 4, 1.0, 0.0).endswith("ETA ?")

@@ -216,6 +216,9 @@ class TrainConfig:
         max_failures: worker-group restarts from the latest checkpoint before the job fails
             (Ray Train ``FailureConfig``; -1: unlimited).
         keep_checkpoints: checkpoints kept in storage (the newest ones).
+        progress_every_s: rank 0 prints a progress line (step, loss, steps/s, ETA) at the first
+            and the last step and at most this often in between (the same figures go to MLflow
+            every step).
         resume_allow: config keys that may differ from the checkpoint's when a resubmitted job
             resumes (``RESUME_KEYS``: world size, batch size, accumulation, shards, max_steps,
             seed, stage, subject token); any other difference is refused, naming the key.
@@ -251,6 +254,7 @@ class TrainConfig:
     seed: int = 0
     max_failures: int = 2
     keep_checkpoints: int = 3
+    progress_every_s: float = 30.0
     resume_allow: list[str] = field(default_factory=list)
     clip: ClipConfig = field(default_factory=ClipConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -274,6 +278,7 @@ class TrainConfig:
         )
         check(self.sample_steps >= 1, "sample_steps must be >= 1")
         check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        check(self.progress_every_s > 0, "progress_every_s must be positive")
         bad = [k for k in self.resume_allow if k not in self.RESUME_KEYS]
         check(not bad, f"resume_allow: {bad} are not resume keys; choose from {list(self.RESUME_KEYS)}")
         check(

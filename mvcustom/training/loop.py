@@ -199,6 +199,7 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
     schedule = radius_schedule(cfg)
     if ctx.is_main:
         print(f"[rank 0] {cfg.stage}: STT radius schedule {schedule} (step, radius; -1 = full)", flush=True)
+    t_start, t_printed = time.perf_counter(), float("-inf")
     for step in range(start, cfg.max_steps):
         radius = radius_at(schedule, step)
         t_step = time.perf_counter()
@@ -259,6 +260,13 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
         if tracker is not None and ctx.is_main:
             tracker.log_metrics({k: v for k, v in figures.items() if k != "step"}, step + 1)
         last = step + 1 == cfg.max_steps
+        now = time.perf_counter()
+        if ctx.is_main and (step == start or last or now - t_printed >= cfg.progress_every_s):
+            print(
+                f"[rank 0] {progress_line(step + 1 - start, step + 1, cfg.max_steps, step_loss, now - t_start)}",
+                flush=True,
+            )
+            t_printed = now
         if (step + 1) % cfg.sample_every == 0 or last:
             grid = sample_grid(model, sample_batch, cfg, radius)
             if tracker is not None and ctx.is_main:
@@ -294,6 +302,20 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
         "history": history,
         "export": cfg.output.rstrip("/") + "/export" if ctx.is_main else None,
     }
+
+
+def progress_line(done: int, step: int, max_steps: int, loss: float, seconds: float) -> str:
+    """``step 120/1000 (12%)  loss 0.1234  0.85 steps/s  ETA 17m16s``: ``done`` steps took
+    ``seconds`` in this process (a resumed run's rate counts only its own steps)."""
+    rate = done / seconds if seconds > 0 else float("nan")
+    left = (max_steps - step) / rate if rate > 0 else float("nan")
+    if not math.isfinite(left):
+        eta = "?"
+    elif left >= 3600:
+        eta = f"{int(left // 3600)}h{int(left % 3600 // 60):02d}m"
+    else:
+        eta = f"{int(left // 60)}m{int(left % 60):02d}s"
+    return f"step {step}/{max_steps} ({100 * step // max_steps}%)  loss {loss:.4f}  {rate:.2f} steps/s  ETA {eta}"
 
 
 @torch.no_grad()
