@@ -15,7 +15,9 @@
 
 or parquet with one row per sample and the columns of :data:`SPEC_COLUMNS` (``trajectory`` and
 ``options`` as JSON strings). A sample's id is ``{subject}-{variant}-{trajectory}-p{prompt
-index}-s{seed}``, so a rerun of the same spec finds what is already done.
+index}-s{seed}``, so a rerun of the same spec finds what is already done. Every row is checked
+when the spec loads (:func:`check_rows`: trajectory kinds and parameters, variant options), so a
+typo is one error naming it before any model loads.
 
 **Per sample** (folder ``<output>/samples/<id>/``): :class:`GenerateSamples` writes the frames
 (``frame_000.png``...), an image grid and ``sample.json`` (the row, the requested cameras, the
@@ -111,8 +113,33 @@ def expand_spec(spec: dict, default_references: int) -> list[dict]:
     return rows
 
 
+def check_rows(rows: list[dict], source: str) -> list[dict]:
+    """Refuse, before any model loads, a row whose trajectory kind or parameters, or whose
+    variant options, are not valid (a typo is one config error, not N failed samples)."""
+    from mvcustom.geometry.trajectories import check_trajectory
+    from mvcustom.inference.pipeline import InferenceOptions
+
+    bad = []
+    for r in rows:
+        try:
+            t = dict(json.loads(r["trajectory"]))
+            t.pop("name", None)
+            check_trajectory(t.pop("kind"), t)
+            unknown = set(json.loads(r["options"])) - set(InferenceOptions.__dataclass_fields__)
+            if unknown:
+                raise ValueError(
+                    f"variant {r['variant']!r}: options {sorted(unknown)} are not InferenceOptions fields"
+                )
+        except (ValueError, KeyError, TypeError) as e:
+            bad.append(f"{r['sample_id']}: {e}")
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise ValueError(f"spec {source}: " + "; ".join(bad[:3]) + more)
+    return rows
+
+
 def load_spec(path: str, default_references: int) -> list[dict]:
-    """Rows of a YAML or parquet spec (any fsspec URL)."""
+    """Rows of a YAML or parquet spec (any fsspec URL), checked (:func:`check_rows`)."""
     if not path:
         raise ValueError("spec must name the evaluation spec (YAML or parquet)")
     if path.endswith(".parquet"):
@@ -141,7 +168,7 @@ def load_spec(path: str, default_references: int) -> list[dict]:
             }
             row["sample_id"] = sample_id(row)
             rows.append(row)
-        return rows
+        return check_rows(rows, path)
     try:
         with fsspec.open(path, "r") as f:
             spec = yaml.safe_load(f)
@@ -149,7 +176,7 @@ def load_spec(path: str, default_references: int) -> list[dict]:
         raise ValueError(f"spec {path} does not exist") from None
     if not isinstance(spec, dict):
         raise ValueError(f"spec {path}: expected a mapping, got {type(spec).__name__}")
-    return expand_spec(spec, default_references)
+    return check_rows(expand_spec(spec, default_references), path)
 
 
 # ---------------------------------------------------------------------------- files

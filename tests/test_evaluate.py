@@ -68,6 +68,25 @@ def test_spec_expands_to_stable_unique_sample_ids(tmp_path):
     assert [r["sample_id"] for r in load_spec(str(tmp_path / "spec.parquet"), 3)] == [
         r["sample_id"] for r in rows
     ]
+    # a typo in a trajectory or a variant is one error at load time, naming it, before any model
+    for bad, match in (
+        ({"trajectories": [{"name": "arc", "kind": "arcc"}]}, "unknown trajectory 'arcc'"),
+        (
+            {"trajectories": [{"name": "z", "kind": "zoom", "span_deg": 9}]},
+            r"'zoom' has no parameter\(s\) \['span_deg'\]",
+        ),
+        (
+            {"variants": {"v": {"feature_rendring": False}}},
+            r"options \['feature_rendring'\] are not InferenceOptions",
+        ),
+    ):
+        path.write_text(yaml.safe_dump({**spec, **bad}))
+        with pytest.raises(ValueError, match=match):
+            load_spec(str(path), 3)
+    bad_rows = pd.DataFrame(rows).assign(trajectory=json.dumps({"kind": "loop"}))
+    bad_rows.to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="unknown trajectory 'loop'"):
+        load_spec(str(tmp_path / "bad.parquet"), 3)
     with pytest.raises(ValueError, match="unknown keys"):
         expand_spec({**spec, "subject": []}, 3)
     with pytest.raises(ValueError, match="'kind'"):

@@ -224,6 +224,29 @@ def subject_frame(refs: Cameras) -> dict:
     }
 
 
+def trajectory_parameters(kind: str) -> set[str]:
+    """The arguments the generator ``kind`` takes (``arc`` also takes the orbit's)."""
+    import inspect
+
+    if kind not in TRAJECTORIES:
+        raise ValueError(f"unknown trajectory {kind!r}; choose one of {sorted(TRAJECTORIES)}")
+    accepted = set(inspect.signature(TRAJECTORIES[kind]).parameters)
+    if kind == "arc":  # an orbit with a span: it passes the orbit's arguments through
+        accepted = (accepted | set(inspect.signature(orbit).parameters)) - {"kwargs"}
+    return accepted - {"num_frames"}
+
+
+def check_trajectory(kind: str, params: dict) -> None:
+    """Refuse an unknown trajectory kind or a parameter its generator does not take, naming the
+    choices (before anything is generated)."""
+    accepted = trajectory_parameters(kind)
+    unknown = set(params) - accepted
+    if unknown:
+        raise ValueError(
+            f"trajectory {kind!r} has no parameter(s) {sorted(unknown)}; it takes {sorted(accepted)}"
+        )
+
+
 def place_trajectory(
     kind: str,
     num_frames: int,
@@ -236,10 +259,7 @@ def place_trajectory(
     it starts at the first reference view's direction, distance and elevation, looks at the
     subject and keeps its up. ``fov_deg`` defaults to the first reference's horizontal field of
     view. ``kwargs`` override any generator argument (e.g. ``span_deg``, ``end_radius``)."""
-    import inspect
-
-    if kind not in TRAJECTORIES:
-        raise ValueError(f"unknown trajectory {kind!r}; choose one of {sorted(TRAJECTORIES)}")
+    check_trajectory(kind, kwargs)
     frame = subject_frame(refs)
     if fov_deg is None:
         W = float(refs.image_hw[0, 1])
@@ -258,14 +278,7 @@ def place_trajectory(
         "fov_deg": fov_deg,
         "start_fov_deg": fov_deg,
     }
-    accepted = set(inspect.signature(TRAJECTORIES[kind]).parameters)
-    if kind == "arc":  # an orbit with a span: it passes the orbit's arguments through
-        accepted = (accepted | set(inspect.signature(orbit).parameters)) - {"kwargs"}
-    unknown = set(kwargs) - accepted
-    if unknown:
-        raise ValueError(
-            f"trajectory {kind!r} has no parameter(s) {sorted(unknown)}; it takes {sorted(accepted - {'num_frames'})}"
-        )
+    accepted = trajectory_parameters(kind)
     args = {k: v for k, v in derived.items() if k in accepted}
     args.update(kwargs)
     return TRAJECTORIES[kind](num_frames, **args)
