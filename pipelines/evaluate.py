@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections import Counter
 
@@ -28,19 +29,28 @@ from pipelines import eval_records as er
 _SCALING = ("actors", "num_gpus", "scorers", "actor_cpus", "scorer_cpus", "report_samples", "spec", "output")
 
 
-def _file_identity(fs, path: str) -> str:
-    """Local files: SHA-1 of the content (a re-export of the same weights keeps its identity);
-    object stores: the backend's change key (S3: the ETag, a content hash)."""
+def _file_identity(fs, path: str, cache: dict | None = None) -> str:
+    """Local files: SHA-1 of the content (a re-export of the same weights keeps its identity),
+    reused from ``cache`` while the file's size and mtime are unchanged (hashing gigabytes of
+    weights at every evaluation start is what it saves); object stores: the backend's change key
+    (S3: the ETag, a content hash)."""
     if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return str(fs.ukey(path))
+    st = os.stat(path)
+    stat = [st.st_size, st.st_mtime_ns]
+    hit = (cache or {}).get(path)
+    if hit and hit[:2] == stat:
+        return hit[2]
     h = hashlib.sha1()
     with fs.open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             h.update(chunk)
+    if cache is not None:
+        cache[path] = [*stat, h.hexdigest()]
     return h.hexdigest()
 
 
-def model_identity(url: str | None) -> dict | None:
+def model_identity(url: str | None, cache: dict | None = None) -> dict | None:
     """What identifies a model folder's content: every file's relative path and content identity
     (:func:`_file_identity`), except ``training_run.json`` (lineage: the MLflow run that wrote it,
     not the weights). ``None`` for a hub id or a missing path (the id is the identity then)."""
@@ -52,18 +62,18 @@ def model_identity(url: str | None) -> dict | None:
     if not fs.exists(root):
         return None
     if not fs.isdir(root):
-        return {"": _file_identity(fs, root)}
+        return {"": _file_identity(fs, root, cache)}
     files = [p for p in sorted(fs.find(root)) if not p.endswith("/" + RUN_FILE)]
-    return {p[len(root) :].lstrip("/"): _file_identity(fs, p) for p in files}
+    return {p[len(root) :].lstrip("/"): _file_identity(fs, p, cache) for p in files}
 
 
-def eval_fingerprint(cfg) -> dict:
+def eval_fingerprint(cfg, cache: dict | None = None) -> dict:
     from mvcustom.configs.base import flatten, to_dict
 
     flat = flatten(to_dict(cfg))
     fp = {k: v for k, v in flat.items() if not k.startswith(("ray.", "mlflow.")) and k not in _SCALING}
-    fp["model_files"] = model_identity(cfg.model)
-    fp["depth_model_files"] = model_identity(cfg.depth_model)
+    fp["model_files"] = model_identity(cfg.model, cache)
+    fp["depth_model_files"] = model_identity(cfg.depth_model, cache)
     return json.loads(json.dumps(fp, default=str))
 
 
@@ -71,7 +81,11 @@ def check_fingerprint(cfg) -> None:
     """Record what produced ``output`` (``_evaluation.json``) and refuse to reuse its samples for
     another model or other sampling/scoring settings (they would be mixed into one table)."""
     path = f"{cfg.output.rstrip('/')}/_evaluation.json"
-    new = eval_fingerprint(cfg)
+    # local files' hashes by (size, mtime), kept beside the fingerprint (not part of it)
+    cache_path = f"{cfg.output.rstrip('/')}/_file_hashes.json"
+    cache = er.read_json(cache_path) or {}
+    new = eval_fingerprint(cfg, cache)
+    er.write_json(cache_path, cache)
     old = er.read_json(path)
     if old is None:
         er.write_json(path, new)

@@ -326,8 +326,8 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
                 _execute(cfg, listing, specs, todo, results)
             except Exception as e:  # Ray Data aborted: report what is missing, then fail the job
                 execution_error = f"{type(e).__name__}: {e}"[-4000:]
-        manifest, errors = shardlib.collect(cfg.output, cfg.split, listing.errors)
-        missing = [i for i in todo if i not in shardlib.completed_shards(cfg.output, cfg.split)]
+        manifest, errors, complete = shardlib.collect(cfg.output, cfg.split, listing.errors)
+        missing = [i for i in todo if i not in complete]
     seconds = time.time() - t0
     reasons: dict[str, dict] = {}
     for r in errors.to_pylist():

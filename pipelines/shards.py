@@ -129,11 +129,13 @@ def clean_temporaries(output: str) -> int:
     return len(tmps)
 
 
-def collect(output: str, split: str, extra_errors: list[dict] = ()) -> tuple[pa.Table, pa.Table]:
-    """Rebuild ``manifest.parquet`` and ``errors.parquet`` from every marker (plus listing errors)."""
+def collect(output: str, split: str, extra_errors: list[dict] = ()) -> tuple[pa.Table, pa.Table, set[int]]:
+    """Rebuild ``manifest.parquet`` and ``errors.parquet`` from every marker (plus listing errors).
+    Returns both tables and the indices of the complete shards they were built from (one listing)."""
     fs, root = fsspec.core.url_to_fs(output)
     manifest, errors = [], list(extra_errors)
-    for idx in sorted(completed_shards(output, split)):
+    done = completed_shards(output, split)
+    for idx in sorted(done):
         with fs.open(f"{root}/{shard_name(split, idx)}.json", "rb") as f:
             marker = json.loads(f.read().decode("utf8"))
         manifest += marker["samples"]
@@ -149,7 +151,7 @@ def collect(output: str, split: str, extra_errors: list[dict] = ()) -> tuple[pa.
         buf = io.BytesIO()
         pq.write_table(table, buf)
         atomic_write(fs, f"{root}/{name}", buf.getvalue())
-    return mt, et
+    return mt, et, done
 
 
 def check_job_fingerprint(output: str, fingerprint: dict) -> None:

@@ -202,3 +202,24 @@ def test_evaluation_job_generates_scores_reports_and_resumes(
         evaluate([*argv, "--set", f"model={tmp_path / 'model2'}"])
     with pytest.raises(ValueError, match="sampling.num_inference_steps"):
         evaluate([*argv, "--set", "sampling.num_inference_steps=3"])
+
+
+def test_model_identity_hashes_each_local_file_once_per_change(tmp_path):
+    """Weights are hashed by content, and the hash is reused while size and mtime stand."""
+    import os
+
+    from pipelines.evaluate import model_identity
+
+    (tmp_path / "m").mkdir()
+    w = tmp_path / "m" / "weights.bin"
+    w.write_bytes(b"a" * 100)
+    cache: dict = {}
+    first = model_identity(str(tmp_path / "m"), cache)
+    assert list(cache) == [str(w)] and cache[str(w)][2] == first["weights.bin"]
+    st = os.stat(w)
+    w.write_bytes(b"b" * 100)  # same size; put the mtime back: the cached hash stands
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert model_identity(str(tmp_path / "m"), cache) == first
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: hashed again
+    assert model_identity(str(tmp_path / "m"), cache) != first
+    assert model_identity(str(tmp_path / "m")) == model_identity(str(tmp_path / "m"), {})
