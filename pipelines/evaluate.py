@@ -221,15 +221,29 @@ def run_evaluate(cfg) -> dict:
             summary[name] = ", ".join(sorted(map(str, scored[name].dropna().unique())))
     summary["mlflow_run_id"] = _log_mlflow(cfg, summary, results, table)
     summary["report"] = er.write_report(out, results, table, summary["mlflow_run_id"])
-    if summary["mlflow_run_id"] and "://" not in out:
+    if summary["mlflow_run_id"]:  # the report folder (page + images), from any fsspec output
         import mlflow
 
         from mvcustom.training.tracking import tracking_uri
 
-        mlflow.MlflowClient(tracking_uri(cfg.mlflow)).log_artifact(
-            summary["mlflow_run_id"], summary["report"], "report"
-        )
+        client = mlflow.MlflowClient(tracking_uri(cfg.mlflow))
+        _log_artifact(client, summary["mlflow_run_id"], f"{out.rstrip('/')}/report", "report", folder=True)
     return summary
+
+
+def _log_artifact(client, run_id: str, url: str, artifact_path: str | None, folder: bool = False) -> None:
+    """Log a file or folder at any fsspec URL as an MLflow artifact (MLflow logs local paths:
+    a remote one is copied to a temporary folder first, so s3:// outputs log what local ones do)."""
+    import tempfile
+
+    if "://" not in url:
+        (client.log_artifacts if folder else client.log_artifact)(run_id, url, artifact_path)
+        return
+    fs, path = fsspec.core.url_to_fs(url)
+    with tempfile.TemporaryDirectory(prefix="mvcustom-artifact-") as d:
+        local = os.path.join(d, path.rstrip("/").rsplit("/", 1)[-1])
+        fs.get(path.rstrip("/") + ("/" if folder else ""), local, recursive=folder)
+        (client.log_artifacts if folder else client.log_artifact)(run_id, local, artifact_path)
 
 
 def _execute(cfg, work: dict, new: list) -> None:
@@ -310,13 +324,12 @@ def _log_mlflow(cfg, summary: dict, results, table) -> str | None:
         client.log_table(rid, data=table, artifact_file="aggregate_table.json")
     client.log_dict(rid, summary, "summary.json")
     out = cfg.output.rstrip("/")
-    if "://" not in out:
-        client.log_artifact(rid, f"{out}/results.parquet")
-        client.log_artifact(rid, f"{out}/aggregate.csv")
-        shown = results[results["status"] == "scored"].head(cfg.report_samples)
-        for sid in shown["sample_id"]:
-            d = er.sample_dir(out, sid)
-            client.log_artifact(rid, f"{d}/grid.png", f"samples/{sid}")
-            client.log_artifact(rid, f"{d}/trajectory.png", f"samples/{sid}")
+    _log_artifact(client, rid, f"{out}/results.parquet", None)
+    _log_artifact(client, rid, f"{out}/aggregate.csv", None)
+    shown = results[results["status"] == "scored"].head(cfg.report_samples)
+    for sid in shown["sample_id"]:
+        d = er.sample_dir(out, sid)
+        _log_artifact(client, rid, f"{d}/grid.png", f"samples/{sid}")
+        _log_artifact(client, rid, f"{d}/trajectory.png", f"samples/{sid}")
     client.set_terminated(rid)
     return rid

@@ -4,6 +4,7 @@ to end with a tiny model (generation actors, scoring, results, report, MLflow, r
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -163,12 +164,22 @@ def test_evaluation_job_generates_scores_reports_and_resumes(
     sample = tmp_path / "eval" / "samples" / "teddy-mvcustom-arc40-p0-s0"
     assert (sample / "frame_003.png").exists() and (sample / "trajectory.png").exists()
     report = Path(first["report"])
-    assert report.exists() and "teddy-plain-arc40-p0-s0" in report.read_text()
+    page = report.read_text()
+    assert "teddy-plain-arc40-p0-s0" in page
+    # a results section: Table 2's layout per variant beside the paper's rows, the models named
+    # and flagged as tiny, why each failed sample failed, and images that resolve beside the page
+    assert "<h2 id='summary'>" in page and "CPA ↑" in page and "MV-cons ↓" in page and "CLIP-I ↑" in page
+    assert "MVCustom (paper)" in page and "0.735 ± 0.100" in page and "tiny and random" in page
+    assert "no-such-sequence" in page and "rendered anchor covers" in page
+    images = re.findall(r"src='([^']+)'", page)
+    assert len(images) == 2 * 2 and all((report.parent / i).is_file() for i in images)
     client = mlflow.MlflowClient(uri)
     run = client.get_run(first["mlflow_run_id"])
     assert {"mvcustom/pose_accuracy_mean", "plain/identity_mean", "scored"} <= set(run.data.metrics)
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"results.parquet", "aggregate.csv", "report", "samples", "results_table.json"} <= arts
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {"report/index.html", "report/images"} <= logged  # the page stands alone in MLflow
 
     # rerun: the scored samples are skipped, the failed ones tried again
     with pytest.raises(SystemExit) as exit_:
