@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("[2/4] preprocessing to WebDataset shards (Ray Data) ...", flush=True)
     from mvcustom.models.zoedepth import save_tiny_zoedepth
+    from mvcustom.training.tracking import record_data_run
     from pipelines.preprocess import run_preprocess
     from pipelines.tracking import log_job
 
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
             (s["inspector"],) = inspect_shards(cfg.output, f"{out}/inspect/{source}", samples=3)
             artifacts["inspector"] = f"{out}/inspect/{source}"
         s["mlflow_run_id"] = log_job(cfg, cfg.mlflow, s, artifacts)
+        record_data_run(cfg.output, s["mlflow_run_id"])  # lineage: the training runs tag it
         summaries[source] = s
         print(
             f"  {source}: {s['clips_written']} clips in {s['shards_total']} shards, {s['errors']} error records, {s['seconds']} s -> {cfg.output}"

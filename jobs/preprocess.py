@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
             inspect_shards(cfg.output, f"{d}/inspector")
             artifacts["inspector"] = f"{d}/inspector"
         summary["mlflow_run_id"] = log_job(cfg, cfg.mlflow, summary, artifacts)
+    from mvcustom.training.tracking import record_data_run
+
+    record_data_run(cfg.output, summary["mlflow_run_id"])  # lineage: training tags this run
     print(json.dumps(summary, indent=1, ensure_ascii=False))
     if not summary["complete"]:
         from pipelines.preprocess import failure_report

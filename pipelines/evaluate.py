@@ -303,7 +303,10 @@ def _log_mlflow(cfg, summary: dict, results, table) -> str | None:
     client = mlflow.MlflowClient(tracking_uri(cfg.mlflow))
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment)
-    tags = {"mvcustom.job": "evaluate"}
+    from mvcustom.training.tracking import lineage_tags
+
+    shards = sorted({str(s) for s in results["shards"]}) if "shards" in results else []
+    tags = {"mvcustom.job": "evaluate", **lineage_tags(shards or None, cfg.model)}
     tags.update({f"mvcustom.{k}": summary[k] for k in ("clip_model", "distance_model") if k in summary})
     run = client.create_run(exp_id, run_name=cfg.mlflow.run_name, tags=tags)
     rid = run.info.run_id

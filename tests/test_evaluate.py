@@ -234,3 +234,26 @@ def test_model_identity_hashes_each_local_file_once_per_change(tmp_path):
     os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: hashed again
     assert model_identity(str(tmp_path / "m"), cache) != first
     assert model_identity(str(tmp_path / "m")) == model_identity(str(tmp_path / "m"), {})
+
+
+def test_remote_outputs_log_the_same_artifacts_as_local_ones(tmp_path):
+    """An evaluation writing to an object store (memory:// stands in for s3://) logs its files
+    and folders to MLflow by copying them through fsspec."""
+    import fsspec
+    import mlflow
+
+    from pipelines.evaluate import _log_artifact
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/evalout/results.parquet", b"table")
+    fs.pipe("/evalout/report/index.html", b"<html></html>")
+    fs.pipe("/evalout/report/images/a_grid.png", b"png")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("remote-artifacts", artifact_location=str(tmp_path / "artifacts"))
+    rid = client.create_run(exp).info.run_id
+    _log_artifact(client, rid, "memory://evalout/results.parquet", None)
+    _log_artifact(client, rid, "memory://evalout/report", "report", folder=True)
+    assert {a.path for a in client.list_artifacts(rid)} == {"results.parquet", "report"}
+    assert {a.path for a in client.list_artifacts(rid, "report")} == {"report/index.html", "report/images"}
+    local = client.download_artifacts(rid, "report/images/a_grid.png", str(tmp_path))
+    assert Path(local).read_bytes() == b"png"

@@ -63,6 +63,19 @@ def test_demo_job_runs_on_debug_data(tmp_path, capsys, ray_local):
     assert results.clip_image_similarity.notna().all()
     assert results.distance_model.str.endswith("(not DreamSim)").all()
     assert "text_alignment_mean" in ev and client.get_run(ev["mlflow_run_id"]).data.metrics["scored"] == 6
+    # lineage: data -> stage 1 -> stage 2 -> evaluation, by run ids and URIs
+    runs = summary["mlflow_runs"]
+    stage1 = client.get_run(summary["training"]["backbone"]["mlflow_run_id"]).data.tags
+    stage2 = client.get_run(summary["training"]["customize"]["mlflow_run_id"]).data.tags
+    evaluation = client.get_run(ev["mlflow_run_id"]).data.tags
+    trained_on = {s for s in runs if summary["clips"][s]}  # the sources that produced shards
+    assert set(stage1["mvcustom.data_run_ids"].split(",")) == {runs[s] for s in trained_on}
+    assert stage1["mvcustom.data_uris"].split(",") == sorted(summary["shards"][s] for s in trained_on)
+    assert stage2["mvcustom.data_run_ids"] == runs["co3d"]
+    assert stage2["mvcustom.parent_run_id"] == summary["training"]["backbone"]["mlflow_run_id"]
+    assert evaluation["mvcustom.model_run_id"] == summary["training"]["customize"]["mlflow_run_id"]
+    assert evaluation["mvcustom.model_uri"] == summary["training"]["customize"]["export"]
+    assert evaluation["mvcustom.data_run_ids"] == runs["co3d"]
     assert "report:" in out and "MLflow run" in out
 
 

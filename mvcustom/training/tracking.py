@@ -3,6 +3,13 @@
 One run per training job: the full resolved config as params, tags ``mvcustom.stage`` and, for
 stage 2, ``mvcustom.parent_run_id`` (the stage-1 run that produced ``init_from``, read from the
 export's ``training_run.json``) plus MLflow's own ``mlflow.parentRunId`` so the UI nests it.
+
+**Lineage** (data -> model -> evaluation): a preprocessing run records its id in its output
+folder (``_run.json``, :func:`record_data_run`); training tags ``mvcustom.data_uris`` and
+``mvcustom.data_run_ids`` from the shard folders it reads; the export carries
+``training_run.json``; the evaluation tags ``mvcustom.model_uri`` / ``mvcustom.model_run_id`` and
+the data of its subjects (:func:`lineage_tags`). The export is logged once, by its training run;
+later runs refer to it by URI and run id.
 """
 
 from __future__ import annotations
@@ -40,6 +47,58 @@ def parent_run_id(init_from: str | None) -> str | None:
         return json.load(f).get("run_id")
 
 
+DATA_RUN_FILE = "_run.json"
+
+
+def record_data_run(output: str, run_id: str | None) -> None:
+    """Write the preprocessing run's id into its output folder (``_run.json``)."""
+    if not run_id:
+        return
+    import fsspec
+
+    with fsspec.open(output.rstrip("/") + "/" + DATA_RUN_FILE, "w") as f:
+        json.dump({"run_id": run_id, "job": "preprocess"}, f)
+
+
+def data_runs(shards: list[str] | str) -> tuple[list[str], list[str]]:
+    """``(folders, run ids)`` of the shard folders behind ``shards`` (ids where recorded)."""
+    import fsspec
+
+    from mvcustom.data.reader import expand_shards
+
+    folders = set()
+    for spec in [shards] if isinstance(shards, str) else shards:
+        try:
+            folders |= {u.rsplit("/", 1)[0] for u in expand_shards(spec)}
+        except FileNotFoundError:  # lineage never fails a job: the URI is recorded as given
+            folders.add(spec.rstrip("/"))
+    folders = sorted(folders)
+    ids = []
+    for folder in folders:
+        fs, path = fsspec.core.url_to_fs(f"{folder}/{DATA_RUN_FILE}")
+        if fs.exists(path):
+            with fs.open(path) as f:
+                ids.append(json.load(f)["run_id"])
+    return folders, ids
+
+
+def lineage_tags(shards: list[str] | str | None = None, model: str | None = None) -> dict[str, str]:
+    """Tags linking a run to its inputs: the data (shard folders and the runs that wrote them)
+    and the model (its URI and the training run recorded in it). Values are comma-joined."""
+    tags = {}
+    if shards:
+        folders, ids = data_runs(shards)
+        tags["mvcustom.data_uris"] = ",".join(folders)
+        if ids:
+            tags["mvcustom.data_run_ids"] = ",".join(sorted(set(ids)))
+    if model:
+        tags["mvcustom.model_uri"] = model
+        run = parent_run_id(model)
+        if run:
+            tags["mvcustom.model_run_id"] = run
+    return {k: v[:5000] for k, v in tags.items()}  # MLflow's tag value limit
+
+
 def start_run(cfg, extra_tags: dict | None = None) -> str | None:
     """Create the job's run (driver side); returns its id, or ``None`` when tracking is off."""
     if not cfg.mlflow.enabled:
@@ -49,7 +108,12 @@ def start_run(cfg, extra_tags: dict | None = None) -> str | None:
     client = mlflow.MlflowClient(tracking_uri(cfg.mlflow))
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment)
-    tags = {"mvcustom.stage": cfg.stage, "mvcustom.job": "train", **(extra_tags or {})}
+    tags = {
+        "mvcustom.stage": cfg.stage,
+        "mvcustom.job": "train",
+        **lineage_tags(cfg.shards),
+        **(extra_tags or {}),
+    }
     parent = parent_run_id(cfg.init_from)
     if parent:
         tags["mvcustom.parent_run_id"] = parent
