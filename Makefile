@@ -12,7 +12,7 @@ DEMO_DIR ?= $(CURDIR)/.demo
 # This machine's pip config names find-links folders that do not exist; pip warns once per package.
 PIP_NOISE := is ignored: it is neither a file nor a directory
 
-.PHONY: venv demo test test-fast bench lint format lock clean submit
+.PHONY: venv demo test test-fast bench lint format lock clean submit browser
 
 venv: $(STAMP)
 
@@ -27,7 +27,15 @@ demo: $(STAMP)
 	@mkdir -p $(TMP_ROOT)
 	$(BIN)/python -m jobs.demo --out $(DEMO_DIR)
 
-test: $(STAMP)
+# The browser test (tests/test_browser.py) renders the HTML pages in headless Chromium: the
+# Debian packages, installed here when missing (root, or sudo).
+browser:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  echo "installing chromium and chromium-driver with apt-get (the browser test needs them)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null; }
+
+test: $(STAMP) browser
 	@mkdir -p $(TMP_ROOT)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

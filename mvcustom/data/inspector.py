@@ -132,13 +132,13 @@ def frusta_plot(extrinsics: np.ndarray, intrinsics: np.ndarray, image_hw: tuple[
     return image
 
 
-def _table(rows: list[dict], columns: list[str]) -> str:
+def _table(rows: list[dict], columns: list[str], css_class: str = "") -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in columns) + "</tr>"
         for r in rows
     )
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table class='{css_class}'><tr>{head}</tr>{body}</table>"
 
 
 def _read_parquet(fs, path: str):
@@ -210,11 +210,11 @@ def inspect_folder(folder: str, shards: list[str], out: str, samples: int = 4) -
     else:
         by_source = ", ".join(f"{k}: {v}" for k, v in m["by_source"].items()) or "none"
         parts.append(
-            f"<h2>Manifest</h2><p>{m['clips']} clip(s) ({html.escape(by_source)}); "
+            f"<h2 id='summary'>Manifest</h2><p>{m['clips']} clip(s) ({html.escape(by_source)}); "
             f"frames per clip {m['frames']['min']}-{m['frames']['max']}.</p>"
         )
         if m["first_rows"]:
-            parts.append(_table(m["first_rows"], list(m["first_rows"][0])))
+            parts.append(_table(m["first_rows"], list(m["first_rows"][0]), "summary"))
     if e is not None:
         parts.append(f"<h2>Error records</h2><p>{e['records']} record(s).</p>")
         if e["by_stage_and_reason"]:
