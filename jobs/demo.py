@@ -59,9 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("[2/4] preprocessing to WebDataset shards (Ray Data) ...", flush=True)
     from mvcustom.models.zoedepth import save_tiny_zoedepth
-    from mvcustom.training.tracking import record_data_run
+    from mvcustom.tracking import log_job, record_data_run
     from pipelines.preprocess import run_preprocess
-    from pipelines.tracking import log_job
 
     zoe = save_tiny_zoedepth(f"{out}/models/tiny-zoedepth")
     mlflow_uri = f"sqlite:///{out}/mlflow.db"

@@ -54,7 +54,7 @@ def model_identity(url: str | None, cache: dict | None = None) -> dict | None:
     """What identifies a model folder's content: every file's relative path and content identity
     (:func:`_file_identity`), except ``training_run.json`` (lineage: the MLflow run that wrote it,
     not the weights). ``None`` for a hub id or a missing path (the id is the identity then)."""
-    from mvcustom.training.tracking import RUN_FILE
+    from mvcustom.tracking import RUN_FILE
 
     if not url:
         return None
@@ -224,26 +224,11 @@ def run_evaluate(cfg) -> dict:
     if summary["mlflow_run_id"]:  # the report folder (page + images), from any fsspec output
         import mlflow
 
-        from mvcustom.training.tracking import tracking_uri
+        from mvcustom.tracking import log_artifact, tracking_uri
 
         client = mlflow.MlflowClient(tracking_uri(cfg.mlflow))
-        _log_artifact(client, summary["mlflow_run_id"], f"{out.rstrip('/')}/report", "report", folder=True)
+        log_artifact(client, summary["mlflow_run_id"], f"{out.rstrip('/')}/report", "report")
     return summary
-
-
-def _log_artifact(client, run_id: str, url: str, artifact_path: str | None, folder: bool = False) -> None:
-    """Log a file or folder at any fsspec URL as an MLflow artifact (MLflow logs local paths:
-    a remote one is copied to a temporary folder first, so s3:// outputs log what local ones do)."""
-    import tempfile
-
-    if "://" not in url:
-        (client.log_artifacts if folder else client.log_artifact)(run_id, url, artifact_path)
-        return
-    fs, path = fsspec.core.url_to_fs(url)
-    with tempfile.TemporaryDirectory(prefix="mvcustom-artifact-") as d:
-        local = os.path.join(d, path.rstrip("/").rsplit("/", 1)[-1])
-        fs.get(path.rstrip("/") + ("/" if folder else ""), local, recursive=folder)
-        (client.log_artifacts if folder else client.log_artifact)(run_id, local, artifact_path)
 
 
 def _execute(cfg, work: dict, new: list) -> None:
@@ -298,19 +283,13 @@ def _log_mlflow(cfg, summary: dict, results, table) -> str | None:
         return None
     import mlflow
 
-    from mvcustom.training.tracking import log_config_params, tracking_uri
-
-    client = mlflow.MlflowClient(tracking_uri(cfg.mlflow))
-    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment)
-    from mvcustom.training.tracking import lineage_tags
+    from mvcustom.tracking import lineage_tags, log_artifact, open_run, tracking_uri
 
     shards = sorted({str(s) for s in results["shards"]}) if "shards" in results else []
     tags = {"mvcustom.job": "evaluate", **lineage_tags(shards or None, cfg.model)}
     tags.update({f"mvcustom.{k}": summary[k] for k in ("clip_model", "distance_model") if k in summary})
-    run = client.create_run(exp_id, run_name=cfg.mlflow.run_name, tags=tags)
-    rid = run.info.run_id
-    log_config_params(client, rid, cfg)
+    rid = open_run(cfg.mlflow, cfg, tags)
+    client = mlflow.MlflowClient(tracking_uri(cfg.mlflow))
     metrics = {
         k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)
     }
@@ -327,12 +306,12 @@ def _log_mlflow(cfg, summary: dict, results, table) -> str | None:
         client.log_table(rid, data=table, artifact_file="aggregate_table.json")
     client.log_dict(rid, summary, "summary.json")
     out = cfg.output.rstrip("/")
-    _log_artifact(client, rid, f"{out}/results.parquet", None)
-    _log_artifact(client, rid, f"{out}/aggregate.csv", None)
+    log_artifact(client, rid, f"{out}/results.parquet", None)
+    log_artifact(client, rid, f"{out}/aggregate.csv", None)
     shown = results[results["status"] == "scored"].head(cfg.report_samples)
     for sid in shown["sample_id"]:
         d = er.sample_dir(out, sid)
-        _log_artifact(client, rid, f"{d}/grid.png", f"samples/{sid}")
-        _log_artifact(client, rid, f"{d}/trajectory.png", f"samples/{sid}")
+        log_artifact(client, rid, f"{d}/grid.png", f"samples/{sid}")
+        log_artifact(client, rid, f"{d}/trajectory.png", f"samples/{sid}")
     client.set_terminated(rid)
     return rid

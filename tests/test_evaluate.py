@@ -242,7 +242,7 @@ def test_remote_outputs_log_the_same_artifacts_as_local_ones(tmp_path):
     import fsspec
     import mlflow
 
-    from pipelines.evaluate import _log_artifact
+    from mvcustom.tracking import log_artifact
 
     fs = fsspec.filesystem("memory")
     fs.pipe("/evalout/results.parquet", b"table")
@@ -251,8 +251,9 @@ def test_remote_outputs_log_the_same_artifacts_as_local_ones(tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("remote-artifacts", artifact_location=str(tmp_path / "artifacts"))
     rid = client.create_run(exp).info.run_id
-    _log_artifact(client, rid, "memory://evalout/results.parquet", None)
-    _log_artifact(client, rid, "memory://evalout/report", "report", folder=True)
+    log_artifact(client, rid, "memory://evalout/results.parquet", None)
+    log_artifact(client, rid, "memory://evalout/report", "report")
+    log_artifact(client, rid, "memory://evalout/missing.csv", None)  # absent: skipped
     assert {a.path for a in client.list_artifacts(rid)} == {"results.parquet", "report"}
     assert {a.path for a in client.list_artifacts(rid, "report")} == {"report/index.html", "report/images"}
     local = client.download_artifacts(rid, "report/images/a_grid.png", str(tmp_path))

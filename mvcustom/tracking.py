@@ -1,8 +1,15 @@
-"""MLflow for training: the driver opens the run, rank 0 logs into it by id.
+"""MLflow for every job: one module (issue 17): the tracking URI, runs, params, artifacts from
+any fsspec URL, lineage, and training's fault-tolerant :class:`Tracker`.
 
-One run per training job: the full resolved config as params, tags ``mvcustom.stage`` and, for
-stage 2, ``mvcustom.parent_run_id`` (the stage-1 run that produced ``init_from``, read from the
-export's ``training_run.json``) plus MLflow's own ``mlflow.parentRunId`` so the UI nests it.
+* :func:`open_run`: the job's run (experiment created on first use), the full resolved config as
+  params (redacted), tags; every job opens its run through it (preprocess and sample data via
+  :func:`log_job`, training via :func:`start_run`, evaluation in ``pipelines.evaluate``).
+* :func:`log_artifact`: a file or folder at any fsspec URL (remote ones are copied locally
+  first, so an ``s3://`` output logs what a local one does).
+* Training: the driver opens the run, rank 0 logs into it by id (:class:`Tracker`). Tags
+  ``mvcustom.stage`` and, for stage 2, ``mvcustom.parent_run_id`` (the stage-1 run that produced
+  ``init_from``, read from the export's ``training_run.json``) plus MLflow's own
+  ``mlflow.parentRunId`` so the UI nests it.
 
 **Lineage** (data -> model -> evaluation): a preprocessing run records its id in its output
 folder (``_run.json``, :func:`record_data_run`); training tags ``mvcustom.data_uris`` and
@@ -99,15 +106,25 @@ def lineage_tags(shards: list[str] | str | None = None, model: str | None = None
     return {k: v[:5000] for k, v in tags.items()}  # MLflow's tag value limit
 
 
-def start_run(cfg, extra_tags: dict | None = None) -> str | None:
-    """Create the job's run (driver side); returns its id, or ``None`` when tracking is off."""
-    if not cfg.mlflow.enabled:
+def open_run(mlflow_cfg, cfg, tags: dict | None = None) -> str | None:
+    """Create a run for job config ``cfg`` in ``mlflow_cfg``'s experiment, with the config as
+    params and ``tags``; ``None`` when tracking is off."""
+    if not mlflow_cfg.enabled:
         return None
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri(cfg.mlflow))
-    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment)
+    client = mlflow.MlflowClient(tracking_uri(mlflow_cfg))
+    exp = client.get_experiment_by_name(mlflow_cfg.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(mlflow_cfg.experiment)
+    run = client.create_run(exp_id, run_name=mlflow_cfg.run_name, tags=tags or {})
+    log_config_params(client, run.info.run_id, cfg)
+    return run.info.run_id
+
+
+def start_run(cfg, extra_tags: dict | None = None) -> str | None:
+    """Create the training job's run (driver side); returns its id, or ``None`` when off."""
+    if not cfg.mlflow.enabled:
+        return None
     tags = {
         "mvcustom.stage": cfg.stage,
         "mvcustom.job": "train",
@@ -118,9 +135,60 @@ def start_run(cfg, extra_tags: dict | None = None) -> str | None:
     if parent:
         tags["mvcustom.parent_run_id"] = parent
         tags["mlflow.parentRunId"] = parent
-    run = client.create_run(exp_id, run_name=cfg.mlflow.run_name, tags=tags)
-    log_config_params(client, run.info.run_id, cfg)
-    return run.info.run_id
+    return open_run(cfg.mlflow, cfg, tags)
+
+
+def log_job(
+    cfg, mlflow_cfg, summary: dict, artifacts: dict[str, str] | None = None, job: str | None = None
+) -> str | None:
+    """One finished job's run: the config as params, the numeric summary figures as metrics,
+    the summary as JSON and ``artifacts`` (name -> file or folder, any fsspec URL). Returns the
+    run id (``None`` when tracking is off)."""
+    run_id = open_run(
+        mlflow_cfg, cfg, {"mvcustom.job": job or type(cfg).__name__.removesuffix("Config").lower()}
+    )
+    if run_id is None:
+        return None
+    import time
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri(mlflow_cfg))
+    now = int(time.time() * 1000)
+    metrics = [
+        mlflow.entities.Metric(k, float(v), now, 0)
+        for k, v in summary.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    ]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    client.log_dict(run_id, summary, "summary.json")
+    for name, url in (artifacts or {}).items():
+        if url:
+            log_artifact(client, run_id, url, name)
+    client.set_terminated(run_id)
+    return run_id
+
+
+def log_artifact(client, run_id: str, url: str, artifact_path: str | None) -> None:
+    """Log the file or folder at ``url`` (any fsspec URL) as an artifact of ``run_id``. MLflow
+    logs local paths: a remote one is copied to a temporary folder first. A missing path is
+    skipped."""
+    import tempfile
+
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return
+    folder = fs.isdir(path)
+    if "://" not in url:
+        (client.log_artifacts if folder else client.log_artifact)(run_id, path, artifact_path)
+        return
+    with tempfile.TemporaryDirectory(prefix="mvcustom-artifact-") as d:
+        local = os.path.join(d, path.rstrip("/").rsplit("/", 1)[-1])
+        fs.get(path.rstrip("/") + ("/" if folder else ""), local, recursive=folder)
+        (client.log_artifacts if folder else client.log_artifact)(run_id, local, artifact_path)
 
 
 def log_config_params(client, run_id: str, cfg) -> None:
