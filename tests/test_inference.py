@@ -291,3 +291,31 @@ def test_pipeline_from_pretrained_round_trip(pipe, tmp_path):
         return_debug=True,
     )
     assert out.debug[0]["anchor_depth"].min() > 0  # the tiny ZoeDepth ran on the anchor
+
+
+def test_model_cpu_offload_runs_the_same_pipeline(pipe):
+    """diffusers' enable_model_cpu_offload over the pipeline's components (text encoder, UNet,
+    VAE in turn; the additions kept on the device). On CPU the device is the CPU itself, so this
+    checks the wiring (hooks, execution device, tensors following them): the same frames."""
+    import copy
+
+    from mvcustom.inference.pipeline import InferenceOptions
+
+    cams, refs = _path()
+    opts = InferenceOptions(feature_rendering_steps=2, completion_until_step=1)
+
+    def run(p):
+        g = torch.Generator().manual_seed(0)
+        return p(
+            "a <sks> toy", cams, refs, num_inference_steps=3, generator=g, options=opts, output_type="np"
+        )
+
+    base = run(pipe)
+    offloaded = copy.deepcopy(pipe)
+    offloaded.enable_model_cpu_offload(device="cpu")
+    assert {"text_encoder", "unet", "vae"} <= {
+        n for n, m in offloaded.components.items() if hasattr(m, "_hf_hook")
+    }
+    assert not hasattr(offloaded.components["mvcustom"], "_hf_hook")  # kept on the device
+    assert offloaded._execution_device.type == "cpu" and offloaded.model.device.type == "cpu"
+    assert np.array_equal(run(offloaded).frames, base.frames)

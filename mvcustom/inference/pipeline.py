@@ -124,13 +124,35 @@ class MVCustomOutput:
 
 class MVCustomPipeline(DiffusionPipeline):
     """See the module docstring. ``depth_estimator``: ``frames (N, H, W, 3) uint8 -> (N, H, W)``
-    depth (a :class:`mvcustom.models.zoedepth.DepthEstimator`; any callable, e.g. ground truth)."""
+    depth (a :class:`mvcustom.models.zoedepth.DepthEstimator`; any callable, e.g. ground truth).
+
+    Its ``components`` are the model's parts (``vae``, ``text_encoder``, ``tokenizer``, ``unet``,
+    ``mvcustom``: the :class:`~mvcustom.models.mvcustom.MVCustomAdditions`, ``scheduler``), so
+    diffusers' ``enable_model_cpu_offload()`` works as for ``AnimateDiffPipeline``: the text
+    encoder, the UNet and the VAE take turns on the GPU; MVCustom's additions (the camera encoder
+    and the FeatureNeRF blocks, small, called from inside the UNet) stay on it.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _exclude_from_cpu_offload = ["mvcustom"]
 
     def __init__(self, model: MVCustomModel, scheduler, depth_estimator: Callable | None = None):
         super().__init__()
         model.eval()  # FeatureNeRF samples its rays stratified (randomly) in training mode
         self.register_modules(model=model, scheduler=scheduler)
         self.depth_estimator = depth_estimator
+
+    @property
+    def components(self) -> dict:
+        m = self.model
+        return {
+            "vae": m.vae,
+            "text_encoder": m.text_encoder,
+            "tokenizer": m.tokenizer,
+            "unet": m.unet,
+            "mvcustom": m._additions,
+            "scheduler": self.scheduler,
+        }
 
     @classmethod
     def from_pretrained(cls, path: str, depth_model: str | None = None, dtype=None, device=None, **kwargs):

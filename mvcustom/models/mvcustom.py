@@ -503,6 +503,11 @@ class MVCustomModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where the model computes: the UNet's device, or under diffusers' model CPU offload the
+        device its hook moves the UNet to for each call."""
+        hook = getattr(self.unet, "_hf_hook", None)
+        if getattr(hook, "execution_device", None) is not None:
+            return torch.device(hook.execution_device)
         return next(self.unet.parameters()).device
 
     @property
