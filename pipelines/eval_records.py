@@ -669,8 +669,11 @@ def write_report(output: str, results, table, run_url: str | None = None) -> str
     dreamsim = bool(models["distance_model"]) and all(
         m.startswith("DreamSim") for m in models["distance_model"]
     )
+    subjects = sorted(
+        {str(r["subject"]) + (f" (sequence {r['sequence']})" if r.get("sequence") else "") for r in records}
+    )
     notes = [
-        f"{len(scored)} of {len(records)} sample(s) scored.",
+        f"{len(scored)} of {len(records)} sample(s) scored. Subject(s): {html.escape(', '.join(subjects) or '–')}.",
         f"Text alignment and CLIP-I: {html.escape(', '.join(models['clip_model']) or '–')}. "
         f"MV-cons and ID: {html.escape(', '.join(models['distance_model']) or '–')}.",
     ]

@@ -171,6 +171,7 @@ def test_evaluation_job_generates_scores_reports_and_resumes(
     assert "<h2 id='summary'>" in page and "CPA ↑" in page and "MV-cons ↓" in page and "CLIP-I ↑" in page
     assert "MVCustom (paper)" in page and "0.735 ± 0.100" in page and "tiny and random" in page
     assert "no-such-sequence" in page and "rendered anchor covers" in page
+    assert "Subject(s): ghost (sequence no-such-sequence), teddy." in page
     images = re.findall(r"src='([^']+)'", page)
     assert len(images) == 2 * 2 and all((report.parent / i).is_file() for i in images)
     client = mlflow.MlflowClient(uri)

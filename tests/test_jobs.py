@@ -56,6 +56,7 @@ def test_demo_job_runs_on_debug_data(tmp_path, capsys, ray_local):
     # every one scored (zoom through homographies) and reported, the models named
     ev = summary["evaluation"]
     assert ev["scored"] == 6 and Path(ev["report"]).exists()
+    assert f"(sequence {subject.split('/')[1]})" in Path(ev["report"]).read_text()  # the report names it
     results = pd.read_parquet(ev["results"])
     assert set(results.variant) == {"mvcustom", "no_rendering"} and (results.status == "scored").all()
     methods = {json.loads(t)["kind"]: m for t, m in zip(results.trajectory, results.pose_method, strict=True)}
