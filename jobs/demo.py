@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("[2/4] preprocessing to WebDataset shards (Ray Data) ...", flush=True)
     from mvcustom.models.zoedepth import save_tiny_zoedepth
-    from mvcustom.tracking import log_job, record_data_run
+    from mvcustom.training.tracking import log_job, record_data_run
     from pipelines.preprocess import run_preprocess
 
     zoe = save_tiny_zoedepth(f"{out}/models/tiny-zoedepth")

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(PreprocessConfig, args.config, args.overrides)
     print(dump_config(cfg), flush=True)
 
-    from mvcustom.tracking import log_job
+    from mvcustom.training.tracking import log_job
     from pipelines.preprocess import run_preprocess
 
     summary = run_preprocess(cfg)
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
             inspect_shards(cfg.output, f"{d}/inspector")
             artifacts["inspector"] = f"{d}/inspector"
         summary["mlflow_run_id"] = log_job(cfg, cfg.mlflow, summary, artifacts)
-    from mvcustom.tracking import record_data_run
+    from mvcustom.training.tracking import record_data_run
 
     record_data_run(cfg.output, summary["mlflow_run_id"])  # lineage: training tags this run
     print(json.dumps(summary, indent=1, ensure_ascii=False))

@@ -54,7 +54,7 @@ def model_identity(url: str | None, cache: dict | None = None) -> dict | None:
     """What identifies a model folder's content: every file's relative path and content identity
     (:func:`_file_identity`), except ``training_run.json`` (lineage: the MLflow run that wrote it,
     not the weights). ``None`` for a hub id or a missing path (the id is the identity then)."""
-    from mvcustom.tracking import RUN_FILE
+    from mvcustom.training.tracking import RUN_FILE
 
     if not url:
         return None
@@ -224,7 +224,7 @@ def run_evaluate(cfg) -> dict:
     if summary["mlflow_run_id"]:  # the report folder (page + images), from any fsspec output
         import mlflow
 
-        from mvcustom.tracking import log_artifact, tracking_uri
+        from mvcustom.training.tracking import log_artifact, tracking_uri
 
         client = mlflow.MlflowClient(tracking_uri(cfg.mlflow))
         log_artifact(client, summary["mlflow_run_id"], f"{out.rstrip('/')}/report", "report")
@@ -283,7 +283,7 @@ def _log_mlflow(cfg, summary: dict, results, table) -> str | None:
         return None
     import mlflow
 
-    from mvcustom.tracking import lineage_tags, log_artifact, open_run, tracking_uri
+    from mvcustom.training.tracking import lineage_tags, log_artifact, open_run, tracking_uri
 
     shards = sorted({str(s) for s in results["shards"]}) if "shards" in results else []
     tags = {"mvcustom.job": "evaluate", **lineage_tags(shards or None, cfg.model)}

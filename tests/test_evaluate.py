@@ -243,7 +243,7 @@ def test_remote_outputs_log_the_same_artifacts_as_local_ones(tmp_path):
     import fsspec
     import mlflow
 
-    from mvcustom.tracking import log_artifact
+    from mvcustom.training.tracking import log_artifact
 
     fs = fsspec.filesystem("memory")
     fs.pipe("/evalout/results.parquet", b"table")

@@ -191,9 +191,9 @@ def test_mlflow_outage_and_restarts_log_each_step_once(train_shards, tmp_path):
     at step 4 and resumes: steps 5-6 are not logged twice."""
     import mlflow
 
-    from mvcustom.tracking import Tracker, start_run
     from mvcustom.training.context import LocalContext
     from mvcustom.training.loop import train_loop
+    from mvcustom.training.tracking import Tracker, start_run
 
     server = _Server(tmp_path)
     server.start()

@@ -127,9 +127,9 @@ def resolve_paths(cfg):
 def _worker(config: dict) -> None:
     """``train_loop_per_worker``: rebuild the typed config, run the loop under Ray Train."""
     from mvcustom.configs.train import TrainConfig
-    from mvcustom.tracking import Tracker
     from mvcustom.training.context import RayContext
     from mvcustom.training.loop import train_loop
+    from mvcustom.training.tracking import Tracker
 
     cfg = from_dict(TrainConfig, config["config"], "train_loop_config")
     ctx = RayContext(config.get("resume_from"), use_gpu=cfg.scaling.use_gpu)
@@ -144,7 +144,7 @@ def run_training(cfg) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from mvcustom.tracking import end_run, start_run, tracking_uri
+    from mvcustom.training.tracking import end_run, start_run, tracking_uri
 
     if not cfg.output:
         raise ValueError("output must name the run folder (checkpoints and the export go there)")
@@ -215,9 +215,9 @@ def run_training(cfg) -> dict:
 
 def run_local(cfg, resume_from: str | None = None, track: bool = False) -> dict:
     """The same loop in this process (one rank, no Ray): tests and debugging."""
-    from mvcustom.tracking import Tracker, end_run, start_run, tracking_uri
     from mvcustom.training.context import LocalContext
     from mvcustom.training.loop import train_loop
+    from mvcustom.training.tracking import Tracker, end_run, start_run, tracking_uri
 
     run_id = start_run(cfg) if track else None
     ctx = LocalContext(cfg.output, resume_from, use_gpu=cfg.scaling.use_gpu)
