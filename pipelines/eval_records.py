@@ -670,7 +670,10 @@ def write_report(output: str, results, table, run_url: str | None = None) -> str
         m.startswith("DreamSim") for m in models["distance_model"]
     )
     subjects = sorted(
-        {str(r["subject"]) + (f" (sequence {r['sequence']})" if r.get("sequence") else "") for r in records}
+        {
+            str(r["subject"]) + (f" (sequence {r['sequence']})" if isinstance(r.get("sequence"), str) else "")
+            for r in records
+        }
     )
     notes = [
         f"{len(scored)} of {len(records)} sample(s) scored. Subject(s): {html.escape(', '.join(subjects) or '–')}.",
