@@ -673,6 +673,7 @@ def write_report(output: str, results, table, run_url: str | None = None) -> str
         {
             str(r["subject"]) + (f" (sequence {r['sequence']})" if isinstance(r.get("sequence"), str) else "")
             for r in records
+            if r.get("subject")
         }
     )
     notes = [

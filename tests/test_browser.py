@@ -93,6 +93,8 @@ def test_evaluation_report_renders(browser, tmp_path):
         rows.append(
             {
                 "sample_id": sid,
+                "subject": "teddy",
+                "sequence": None,
                 "variant": variant,
                 "status": status,
                 "prompt": "a photo of a <sks> teddybear",
@@ -121,4 +123,5 @@ def test_evaluation_report_renders(browser, tmp_path):
     assert state["summary"] and state["images"] == 2 * 2 and state["overflow"] <= 0, state
     text = browser.find_element("tag name", "body").text
     assert "MVCustom (paper)" in text and "generation_failed: RuntimeError: out of memory" in text
+    assert "Subject(s): teddy." in text
     assert (tmp_path / "report.png").stat().st_size > 0
