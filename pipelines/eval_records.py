@@ -43,6 +43,7 @@ import torch
 import yaml
 from PIL import Image
 
+from mvcustom.data.inspector import figure_image
 from mvcustom.geometry.camera import Cameras
 
 SPEC_COLUMNS = (
@@ -501,11 +502,7 @@ def trajectory_plot(requested: Cameras, recovered: Cameras | None, registered: l
         ax.set_aspect("equal", adjustable="datalim")
     axes[0].legend(fontsize=6)
     fig.suptitle(f"camera centres ({len(registered)}/{len(requested)} registered)", fontsize=8)
-    fig.tight_layout()
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
+    return figure_image(fig)
 
 
 # ---------------------------------------------------------------------------- tables

@@ -125,6 +125,13 @@ def frusta_plot(extrinsics: np.ndarray, intrinsics: np.ndarray, image_hw: tuple[
     ax.set_ylabel("y")
     ax.set_zlabel("z")
     ax.set_title(f"{len(centers)} cameras (first in red)", fontsize=8)
+    return figure_image(fig)
+
+
+def figure_image(fig) -> np.ndarray:
+    """A matplotlib figure as an ``(H, W, 3)`` uint8 image (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.canvas.draw()
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
@@ -289,9 +296,7 @@ def inspect_folder(folder: str, shards: list[str], out: str, samples: int = 4) -
 def inspect_shards(specs: list[str] | str, out: str, samples: int = 4) -> list[str]:
     """One page per shard folder under ``out`` (a sub-folder each when there are several);
     returns the pages' URLs."""
-    folders = shard_folders(specs)
-    if not folders:
-        raise ValueError(f"no shards (*.tar) found at {specs!r}: pass shard folders, globs or tar URLs")
+    folders = shard_folders(specs)  # no shards at all: expand_shards names the spec
     pages, used = [], set()
     for folder, shards in sorted(folders.items()):
         name = folder.rstrip("/").rsplit("/", 1)[-1] or "shards"
