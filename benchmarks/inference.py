@@ -172,7 +172,7 @@ def eval_throughput(samples: int, actors_list: list[int]) -> dict:
     from mvcustom.models import MVCustomModel
     from mvcustom.models.mvcustom import MVCustomConfig
     from mvcustom.models.zoedepth import save_tiny_zoedepth
-    from pipelines.evaluate import run_evaluate
+    from pipelines.evaluation.job import run_evaluate
 
     root = tempfile.mkdtemp(prefix="mvc-bench-eval-")
     shards = make_shards(root)

@@ -21,9 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
+
+# Ray Data logs its progress every 10 s when stdout is not a terminal (CI, a pipe): every 30 s
+# keeps each stage of the demo on one screen. Read when ray.data is imported, so set first.
+os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "30")
 
 from mvcustom.configs import PreprocessConfig, SampleDataConfig, load_config
 from mvcustom.data import co3d
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     import yaml
 
     from mvcustom.configs import EvaluateConfig
-    from pipelines.evaluate import run_evaluate
+    from pipelines.evaluation.job import run_evaluate
 
     spec = {
         "subjects": [
@@ -166,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     Path(f"{out}/eval_spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     # the demo evaluates afresh: a rerun of the demo retrains, and an evaluation output refuses
-    # samples of another model (pipelines.evaluate.check_fingerprint)
+    # samples of another model (pipelines.evaluation.job.check_fingerprint)
     shutil.rmtree(f"{out}/eval", ignore_errors=True)
     ecfg = load_config(
         EvaluateConfig,
@@ -182,14 +187,19 @@ def main(argv: list[str] | None = None) -> dict:
         ],
     )
     ev = run_evaluate(ecfg)
+    from pipelines.evaluation.job import failure_lines
+
     if not ev["complete"]:
         raise SystemExit(
-            f"evaluation INCOMPLETE: {ev['failed']} of {ev['samples']} samples: {ev['failure_reasons']}"
+            f"evaluation INCOMPLETE: {ev['failed']} of {ev['samples']} samples:\n  "
+            + "\n  ".join(failure_lines(ev))
         )
     print(
         f"  {ev['scored']}/{ev['samples']} samples scored ({ev['failed']} failed), "
         f"{ev.get('samples_per_min', 0):.1f} samples/min -> {ev['output']}/results.parquet"
     )
+    for line in failure_lines(ev):  # scored, but e.g. a pose reconstruction failed: once per reason
+        print(f"    {line}")
     print(f"  report: {ev['report']}")
     print(f"  MLflow run {ev['mlflow_run_id']} ({mlflow_uri}; `mlflow ui --backend-store-uri {mlflow_uri}`)")
 
@@ -215,7 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "seconds": round(time.time() - t0, 1),
     }
-    print(json.dumps(summary, indent=1))
+    with open(f"{out}/summary.json", "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"done in {summary['seconds']:.0f} s; summary (paths, run ids, figures): {out}/summary.json")
     return summary
 
 

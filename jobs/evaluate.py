@@ -25,17 +25,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     args = ap.parse_args(argv)
     cfg = load_config(EvaluateConfig, args.config, args.set)
-    from pipelines.evaluate import run_evaluate
+    from pipelines.evaluation.job import failure_lines, run_evaluate
 
     summary = run_evaluate(cfg)
-    print(json.dumps(summary, indent=1, default=str))
+    # per-sample reasons are in results.parquet; the console gets each reason once, counted
+    print(json.dumps({k: v for k, v in summary.items() if k != "failure_reasons"}, indent=1, default=str))
+    for line in failure_lines(summary):
+        print(f"  {line}", file=sys.stderr)
     if not summary["complete"]:
-        failed = sorted(summary["failure_reasons"])
         print(
             f"evaluation INCOMPLETE: {summary['failed']} of {summary['samples']} samples did not score "
-            f"({summary['lost']} lost): {', '.join(failed[:20])}{' ...' if len(failed) > 20 else ''}\n"
-            "  their reasons are in results.parquet (failure_reason); rerun the same command to retry them "
-            "(scored samples are kept)",
+            f"({summary['lost']} lost); reasons above, per sample in results.parquet (failure_reason). "
+            "Rerun the same command to retry them (scored samples are kept)",
             file=sys.stderr,
         )
         raise SystemExit(1)

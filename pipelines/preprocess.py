@@ -39,7 +39,7 @@ import pickle
 import time
 from dataclasses import dataclass, field
 
-from mvcustom.configs.common import init_ray
+from mvcustom.configs.common import init_ray, retry_args_allowed
 from mvcustom.configs.preprocess import PreprocessConfig
 from mvcustom.data.schema import ClipSample, encode_sample
 from pipelines import shards as shardlib
@@ -382,45 +382,46 @@ def _execute(
     # (ray.actor_task_retries = -1), since Ray core spends a retry per failed push to a dead
     # node's actor before the GCS declares the node dead (a bound of 3 lost shards that way)
     actor_ft = {"max_restarts": cfg.ray.actor_restarts, "max_task_retries": cfg.ray.actor_task_retries}
-    d = cfg.depth
-    if needs_depth_model(cfg) and d.fused:
-        # One stage: every shard is built, given depth and committed by one actor, which loaded
-        # the model once. Two shards in flight per actor: the next is queued while one runs
-        # (with one, each actor idled ~0.15 s per shard until the executor's 10 Hz loop saw the
-        # completion; ~10% on 1-s shards), and at most one waits at the end.
-        ds = ds.map_batches(
-            ShardWorker,
-            fn_constructor_kwargs={"cfg": cfg},
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(
-                size=fused_workers(cfg, cluster_cpus), max_tasks_in_flight_per_actor=2
-            ),
-            num_cpus=d.cpus_per_actor,
-            num_gpus=d.num_gpus,
-            **actor_ft,
-        )
-    else:
-        build_cpus, write_cpus = plan_cpus(cfg, cluster_cpus)
-        # max_retries also keeps Ray Data from fusing the build into the depth actors when
-        # their CPU requests happen to be equal (it did on 1 CPU: every build then ran
-        # serially inside one actor).
-        ds = ds.map(build_shard, fn_kwargs={"cfg": cfg}, num_cpus=build_cpus, **retries)
-        if needs_depth_model(cfg):
-            from pipelines.depth import DepthStage
-
+    with retry_args_allowed():  # Ray 2.60 has no named parameter for retries yet
+        d = cfg.depth
+        if needs_depth_model(cfg) and d.fused:
+            # One stage: every shard is built, given depth and committed by one actor, which loaded
+            # the model once. Two shards in flight per actor: the next is queued while one runs
+            # (with one, each actor idled ~0.15 s per shard until the executor's 10 Hz loop saw the
+            # completion; ~10% on 1-s shards), and at most one waits at the end.
             ds = ds.map_batches(
-                DepthStage,
-                fn_constructor_kwargs={"cfg": d, "mode": depth_mode(cfg)},
+                ShardWorker,
+                fn_constructor_kwargs={"cfg": cfg},
                 batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=d.actors or 1),
+                compute=ray.data.ActorPoolStrategy(
+                    size=fused_workers(cfg, cluster_cpus), max_tasks_in_flight_per_actor=2
+                ),
                 num_cpus=d.cpus_per_actor,
                 num_gpus=d.num_gpus,
                 **actor_ft,
             )
-        # Without a depth stage the writer asks for what the builder asks for, so Ray Data
-        # fuses the two into one task (no second worker pool, no payload through the object
-        # store).
-        ds = ds.map(write_shard, fn_kwargs={"cfg": cfg}, num_cpus=write_cpus, **retries)
+        else:
+            build_cpus, write_cpus = plan_cpus(cfg, cluster_cpus)
+            # max_retries also keeps Ray Data from fusing the build into the depth actors when
+            # their CPU requests happen to be equal (it did on 1 CPU: every build then ran
+            # serially inside one actor).
+            ds = ds.map(build_shard, fn_kwargs={"cfg": cfg}, num_cpus=build_cpus, **retries)
+            if needs_depth_model(cfg):
+                from pipelines.depth import DepthStage
+
+                ds = ds.map_batches(
+                    DepthStage,
+                    fn_constructor_kwargs={"cfg": d, "mode": depth_mode(cfg)},
+                    batch_size=1,
+                    compute=ray.data.ActorPoolStrategy(size=d.actors or 1),
+                    num_cpus=d.cpus_per_actor,
+                    num_gpus=d.num_gpus,
+                    **actor_ft,
+                )
+            # Without a depth stage the writer asks for what the builder asks for, so Ray Data
+            # fuses the two into one task (no second worker pool, no payload through the object
+            # store).
+            ds = ds.map(write_shard, fn_kwargs={"cfg": cfg}, num_cpus=write_cpus, **retries)
     for r in ds.iter_rows():
         results.append(r)
 

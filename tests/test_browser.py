@@ -77,7 +77,8 @@ def test_shard_inspector_page_renders(browser, train_shards, tmp_path):
 
 def test_evaluation_report_renders(browser, tmp_path):
     """The report of two scored samples and a failed one (rows as ScoreSamples writes them)."""
-    from pipelines.eval_records import aggregate, write_report
+    from pipelines.evaluation.report import write_report
+    from pipelines.evaluation.score import aggregate
 
     out = tmp_path / "eval"
     rows = []

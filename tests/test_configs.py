@@ -141,3 +141,16 @@ def test_credentials_in_urls_never_reach_logs_or_mlflow_params():
     assert mlflow_params(load_config(TrainConfig, "jobs/configs/train_backbone_debug.yaml"))["output"] == (
         ".demo/runs/backbone"
     )  # nothing else changes
+
+
+def test_shipped_evaluation_specs_load():
+    from pipelines.evaluation.spec import EvalSpec
+
+    files = sorted((CONFIG_DIR / "specs").glob("*.yaml"))
+    assert files
+    for path in files:
+        spec = load_config(EvalSpec, path)
+        rows = spec.rows(default_references=5)
+        assert len(rows) == len(spec.subjects) * len(spec.prompts) * len(spec.trajectories) * len(
+            spec.seeds
+        ) * len(spec.variants)

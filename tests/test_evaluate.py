@@ -12,8 +12,9 @@ import pytest
 import torch
 import yaml
 
+from mvcustom.configs import ConfigError, from_dict
 from mvcustom.geometry.trajectories import orbit, place_trajectory, subject_frame
-from pipelines.eval_records import expand_spec, load_spec
+from pipelines.evaluation.spec import EvalSpec, load_spec
 
 
 def test_subject_frame_recovers_the_circle_the_references_lie_on():
@@ -58,7 +59,7 @@ def test_spec_expands_to_stable_unique_sample_ids(tmp_path):
         "seeds": [0, 1],
         "variants": {"mvcustom": {}, "plain": {"feature_rendering": False}},
     }
-    rows = expand_spec(spec, default_references=3)
+    rows = from_dict(EvalSpec, spec).rows(default_references=3)
     assert len(rows) == 2 * 2 * 2
     assert rows[0]["sample_id"] == "teddy-mvcustom-arc-p0-s0" and rows[0]["num_references"] == 3
     assert len({r["sample_id"] for r in rows}) == 8
@@ -69,29 +70,41 @@ def test_spec_expands_to_stable_unique_sample_ids(tmp_path):
     assert [r["sample_id"] for r in load_spec(str(tmp_path / "spec.parquet"), 3)] == [
         r["sample_id"] for r in rows
     ]
-    # a typo in a trajectory or a variant is one error at load time, naming it, before any model
+    # a typo is one config error at load time naming the file and the key, before any model
     for bad, match in (
-        ({"trajectories": [{"name": "arc", "kind": "arcc"}]}, "unknown trajectory 'arcc'"),
+        (
+            {"trajectories": [{"name": "arc", "kind": "arcc"}]},
+            r"trajectories\[0\]: unknown trajectory 'arcc'",
+        ),
         (
             {"trajectories": [{"name": "z", "kind": "zoom", "span_deg": 9}]},
             r"'zoom' has no parameter\(s\) \['span_deg'\]",
         ),
-        (
-            {"variants": {"v": {"feature_rendring": False}}},
-            r"options \['feature_rendring'\] are not InferenceOptions",
-        ),
+        ({"trajectories": [{"name": "x"}]}, "needs a 'kind'"),
+        ({"variants": {"v": {"feature_rendring": False}}}, "variant v: unknown key 'feature_rendring'"),
+        ({"variants": {"v": {"feature_rendering": "no"}}}, "feature_rendering: expected true/false"),
+        ({"seeds": ["one"]}, r"seeds\[0\]: expected an integer"),
+        ({"subject": []}, "unknown key 'subject'"),
+        ({"subjects": [{"name": "t"}]}, "shards"),
+        ({"prompts": []}, "'prompts' must be non-empty"),
+        ({"trajectories": [{"name": "a", "kind": "arc"}, {"name": "a", "kind": "orbit"}]}, "share an id"),
     ):
         path.write_text(yaml.safe_dump({**spec, **bad}))
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(ConfigError, match=match) as e:
             load_spec(str(path), 3)
+        assert str(e.value).startswith(str(path))
     bad_rows = pd.DataFrame(rows).assign(trajectory=json.dumps({"kind": "loop"}))
     bad_rows.to_parquet(tmp_path / "bad.parquet")
-    with pytest.raises(ValueError, match="unknown trajectory 'loop'"):
+    with pytest.raises(ConfigError, match=r"bad.parquet: row 0: unknown trajectory 'loop'.*\(and 5 more\)"):
         load_spec(str(tmp_path / "bad.parquet"), 3)
-    with pytest.raises(ValueError, match="unknown keys"):
-        expand_spec({**spec, "subject": []}, 3)
-    with pytest.raises(ValueError, match="'kind'"):
-        expand_spec({**spec, "trajectories": [{"name": "x"}]}, 3)
+    with pytest.raises(ConfigError, match="not found"):
+        load_spec(str(tmp_path / "missing.yaml"), 3)
+    # through fsspec, like every other input
+    import fsspec
+
+    with fsspec.open("memory://specs/spec.yaml", "w") as f:
+        f.write(yaml.safe_dump(spec))
+    assert len(load_spec("memory://specs/spec.yaml", 3)) == 8
 
 
 @pytest.mark.slow
@@ -131,7 +144,7 @@ def test_evaluation_job_generates_scores_reports_and_resumes(
 
     def evaluate(argv):  # the job's library call (the entry point exits 1 while samples fail)
         from mvcustom.configs import EvaluateConfig, load_config
-        from pipelines.evaluate import run_evaluate
+        from pipelines.evaluation.job import run_evaluate
 
         return run_evaluate(load_config(EvaluateConfig, argv[1], argv[3::2]))
 
@@ -143,6 +156,11 @@ def test_evaluation_job_generates_scores_reports_and_resumes(
     reasons = first["failure_reasons"]
     assert set(reasons) == {"ghost-mvcustom-arc40-p0-s0", "ghost-plain-arc40-p0-s0"}
     assert all("no-such-sequence" in r for r in reasons.values())
+    # and the console gets that reason once, counted (pose failures of scored samples likewise)
+    (ghost,) = [f for f in first["failures_by_reason"] if f["what"] == "generation_failed"]
+    assert ghost["count"] == 2 and "no-such-sequence" in ghost["reason"]
+    assert sorted(ghost["examples"]) == sorted(reasons)
+    pose_zero = sum(f["count"] for f in first["failures_by_reason"] if f["what"] == "pose accuracy 0")
     results = pd.read_parquet(tmp_path / "eval" / "results.parquet")
     assert len(results) == 4
     ok = results[results.status == "scored"]
@@ -157,6 +175,7 @@ def test_evaluation_job_generates_scores_reports_and_resumes(
     assert (ok.colmap_points >= 0).all() and ok.peak_gpu_memory_gib.isna().all()  # CPU: no GPU figure
     # 32x32 frames of a random model do not reconstruct: scored 0 and flagged, not dropped
     assert (ok.pose_accuracy[ok.pose_failed] == 0).all()
+    assert pose_zero == int(ok.pose_failed.sum())
     rendered = ok[ok.variant == "mvcustom"].iloc[0]
     assert 0 < rendered.covered_fraction <= 1
     agg = pd.read_csv(tmp_path / "eval" / "aggregate.csv")
@@ -186,7 +205,9 @@ def test_evaluation_job_generates_scores_reports_and_resumes(
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 1
-    assert "evaluation INCOMPLETE: 2 of 4" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "evaluation INCOMPLETE: 2 of 4" in err
+    assert len(re.findall(r"^  2 x generation_failed: .*no-such-sequence", err, re.M)) == 1, err
     second = evaluate(argv)
     assert second["skipped_already_scored"] == 2 and second["generated_now"] == 0 and second["failed"] == 2
     # a generated but unscored sample is scored without generating it again
@@ -220,7 +241,7 @@ def test_model_identity_hashes_each_local_file_once_per_change(tmp_path):
     """Weights are hashed by content, and the hash is reused while size and mtime stand."""
     import os
 
-    from pipelines.evaluate import model_identity
+    from pipelines.evaluation.job import model_identity
 
     (tmp_path / "m").mkdir()
     w = tmp_path / "m" / "weights.bin"

@@ -203,10 +203,13 @@ def from_dict(
 
 
 def load_config(cls: type[T], path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Load a YAML config file into ``cls``; errors name ``path`` and the key."""
+    """Load a YAML config file (a local path or any fsspec URL) into ``cls``; errors name
+    ``path`` and the key."""
+    import fsspec
+
     path = str(path)
     try:
-        with open(path, encoding="utf8") as f:
+        with fsspec.open(path, "r", encoding="utf8") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None

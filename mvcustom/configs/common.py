@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from mvcustom.configs.base import check
@@ -107,7 +108,48 @@ def init_ray(cfg: RayConfig, log_to_driver: bool = True) -> None:
         include_dashboard=cfg.dashboard,
         dashboard_host=cfg.dashboard_host,
         log_to_driver=log_to_driver,
+        runtime_env=embedded_runtime_env(cfg.dashboard),
         _system_config=system,
+    )
+
+
+#: Environment of an embedded Ray's workers: their output reaches this console, so what is
+#: noise there goes. Ray Train's print patch logs each print a second time when stdout is
+#: wrapped (every rank-0 progress line came twice); the Hugging Face libraries' per-file
+#: progress bars and their info lines are not progress of the job.
+EMBEDDED_WORKER_ENV = {
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+}
+
+
+def embedded_runtime_env(dashboard: bool) -> dict:
+    """The runtime_env of an embedded local Ray: :data:`EMBEDDED_WORKER_ENV`, plus
+    :func:`quiet_embedded_worker` in every worker when there is no dashboard."""
+    env: dict = {"env_vars": dict(EMBEDDED_WORKER_ENV)}
+    if not dashboard:
+        env["worker_process_setup_hook"] = "mvcustom.configs.common.quiet_embedded_worker"
+    return env
+
+
+def quiet_embedded_worker() -> None:
+    """Worker setup of an embedded Ray without a dashboard (so without the state API).
+
+    Ray Train's placement-group cleaner polls the state API every second and logs a warning
+    each time it is unavailable (dozens of lines per training run). What it guards against, a
+    controller that dies and leaves its placement group behind, cannot outlive an embedded Ray,
+    which ends with its driver; so its warnings are dropped here (errors still show). DeepSpeed
+    calls a torch collective that torch deprecates; that warning is DeepSpeed's to fix."""
+    import logging
+    import warnings
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
+        logging.ERROR
+    )
+    warnings.filterwarnings(
+        "ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning
     )
 
 
@@ -131,3 +173,17 @@ class ClipConfig:
             f"clip.height/width must be multiples of 8, got {self.height}x{self.width}",
         )
         check(self.height > 0 and self.width > 0, "clip.height/width must be positive")
+
+
+@contextlib.contextmanager
+def retry_args_allowed():
+    """Ray Data 2.60 deprecates remote arguments passed through ``map``/``map_batches``'
+    ``**ray_remote_args`` (removal planned for Ray 2.64) but has no named parameter yet for the
+    ones our failure semantics rest on (``max_retries``, ``retry_exceptions``, ``max_restarts``,
+    ``max_task_retries``). Within this block that one deprecation warning is not shown; every
+    other warning is. Revisit when Ray adds the named parameters."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        yield

@@ -109,7 +109,7 @@ class EvaluateConfig:
         model: the ``from_pretrained`` folder of the trained model (path, fsspec URL or hub id).
         depth_model: ZoeDepth ``from_pretrained`` path or hub id (feature rendering needs it).
         spec: evaluation spec, YAML (subjects x prompts x trajectories x seeds [x variants]) or
-            parquet (one row per sample); see ``pipelines/eval_records.py``.
+            parquet (one row per sample); see ``pipelines/evaluation/spec.py``.
         output: folder (any fsspec URL) for generated samples, ``results.parquet``, the
             aggregate table and the HTML report.
         actors: generation actor pool size. num_gpus: GPUs per generation actor (fractional

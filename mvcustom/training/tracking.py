@@ -3,7 +3,7 @@ any fsspec URL, lineage, and training's fault-tolerant :class:`Tracker`.
 
 * :func:`open_run`: the job's run (experiment created on first use), the full resolved config as
   params (redacted), tags; every job opens its run through it (preprocess and sample data via
-  :func:`log_job`, training via :func:`start_run`, evaluation in ``pipelines.evaluate``).
+  :func:`log_job`, training via :func:`start_run`, evaluation in ``pipelines.evaluation.job``).
 * :func:`log_artifact`: a file or folder at any fsspec URL (remote ones are copied locally
   first, so an ``s3://`` output logs what a local one does).
 * Training: the driver opens the run, rank 0 logs into it by id (:class:`Tracker`). Tags

@@ -8,7 +8,7 @@ until they succeed). A rerun with another model or other sampling/scoring settin
 output is refused (``_evaluation.json``); ``sample.json``/``result.json`` are written atomically
 and a truncated one is redone. ``results.parquet`` holds exactly one row per planned sample
 (``lost`` for one Ray Data never returned); the summary's ``complete`` is False, and the entry
-point exits non-zero, unless every sample scored. Per-sample work lives in :mod:`pipelines.eval_records`.
+point exits non-zero, unless every sample scored. Per-sample work lives in the package's other modules.
 """
 
 from __future__ import annotations
@@ -17,13 +17,16 @@ import hashlib
 import json
 import os
 import time
-from collections import Counter
 
 import fsspec
 
 from mvcustom.configs.base import pin_local_path
-from mvcustom.configs.common import init_ray
-from pipelines import eval_records as er
+from mvcustom.configs.common import init_ray, retry_args_allowed
+from pipelines.evaluation.files import read_json, records, sample_dir, write_json
+from pipelines.evaluation.generate import GenerateSamples
+from pipelines.evaluation.report import write_report
+from pipelines.evaluation.score import METRICS, ScoreSamples, aggregate
+from pipelines.evaluation.spec import SPEC_COLUMNS, load_spec
 
 # settings that change what a sample or its scores are (the rest only change how fast)
 _SCALING = ("actors", "num_gpus", "scorers", "actor_cpus", "scorer_cpus", "report_samples", "spec", "output")
@@ -83,12 +86,12 @@ def check_fingerprint(cfg) -> None:
     path = f"{cfg.output.rstrip('/')}/_evaluation.json"
     # local files' hashes by (size, mtime), kept beside the fingerprint (not part of it)
     cache_path = f"{cfg.output.rstrip('/')}/_file_hashes.json"
-    cache = er.read_json(cache_path) or {}
+    cache = read_json(cache_path) or {}
     new = eval_fingerprint(cfg, cache)
-    er.write_json(cache_path, cache)
-    old = er.read_json(path)
+    write_json(cache_path, cache)
+    old = read_json(path)
     if old is None:
-        er.write_json(path, new)
+        write_json(path, new)
         return
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -100,7 +103,7 @@ def check_fingerprint(cfg) -> None:
 
 
 def _check_row(row: dict, stored: dict, what: str) -> None:
-    changed = [c for c in er.SPEC_COLUMNS if c != "shards" and c in stored and str(stored[c]) != str(row[c])]
+    changed = [c for c in SPEC_COLUMNS if c != "shards" and c in stored and str(stored[c]) != str(row[c])]
     if changed:
         raise ValueError(
             f"sample {row['sample_id']}: its {what} was made for another spec row (changed: {', '.join(changed)}); "
@@ -110,22 +113,17 @@ def _check_row(row: dict, stored: dict, what: str) -> None:
 
 def plan(cfg) -> dict:
     """What is left to do: rows to generate, generated rows to score, results already there."""
-    rows = er.load_spec(cfg.spec, cfg.num_references)
-    dup = sorted(i for i, n in Counter(r["sample_id"] for r in rows).items() if n > 1)
-    if dup:
-        raise ValueError(
-            f"spec {cfg.spec}: sample ids {dup} occur more than once (subject/variant/trajectory names)"
-        )
+    rows = load_spec(cfg.spec, cfg.num_references)
     todo_generate, todo_score, done = [], [], []
     for row in rows:
         row["shards"] = pin_local_path(row["shards"], must_exist=True)
-        d = er.sample_dir(cfg.output, row["sample_id"])
-        result = er.read_json(f"{d}/result.json")
+        d = sample_dir(cfg.output, row["sample_id"])
+        result = read_json(f"{d}/result.json")
         if result is not None:
             _check_row(row, result, "result")
             done.append(result)
             continue
-        meta = er.read_json(f"{d}/sample.json")
+        meta = read_json(f"{d}/sample.json")
         if meta is not None and meta.get("status") == "generated":
             _check_row(row, meta, "generated sample")
             todo_score.append(meta)
@@ -168,7 +166,7 @@ def run_evaluate(cfg) -> dict:
     for col in ("failure_reason", "pose_failure_reason"):
         if col not in results:
             results[col] = None
-    table = er.aggregate(results)
+    table = aggregate(results)
     out = cfg.output.rstrip("/")
     with fsspec.open(f"{out}/results.parquet", "wb") as f:
         results.to_parquet(f, index=False)
@@ -197,13 +195,14 @@ def run_evaluate(cfg) -> dict:
             if isinstance(r.get("failure_reason"), str)
         },
     }
+    summary["failures_by_reason"] = reasons_counted(results)
     if execution_error:
         summary["execution_error"] = execution_error
     if summary["generated_now"] and seconds > 0:
         summary["samples_per_min"] = round(60 * summary["generated_now"] / seconds, 3)
     scored = results[results["status"] == "scored"]
     for m in (
-        *er.METRICS,
+        *METRICS,
         "colmap_points",
         "covered_fraction",
         "score_seconds",
@@ -220,7 +219,7 @@ def run_evaluate(cfg) -> dict:
         if name in scored and len(scored):
             summary[name] = ", ".join(sorted(map(str, scored[name].dropna().unique())))
     summary["mlflow_run_id"] = _log_mlflow(cfg, summary, results, table)
-    summary["report"] = er.write_report(out, results, table, summary["mlflow_run_id"])
+    summary["report"] = write_report(out, results, table, summary["mlflow_run_id"])
     if summary["mlflow_run_id"]:  # the report folder (page + images), from any fsspec output
         import mlflow
 
@@ -229,6 +228,31 @@ def run_evaluate(cfg) -> dict:
         client = mlflow.MlflowClient(tracking_uri(cfg.mlflow))
         log_artifact(client, summary["mlflow_run_id"], f"{out.rstrip('/')}/report", "report")
     return summary
+
+
+def reasons_counted(results) -> list[dict]:
+    """Failures once per reason, most frequent first: samples that did not score (by status and
+    reason) and scored samples whose pose reconstruction failed (scored 0). Each entry has the
+    ``what``, the ``reason``, the ``count`` and up to three example sample ids."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in results.to_dict("records"):
+        if r["status"] != "scored":
+            key = (str(r["status"]), str(r.get("failure_reason") or "no reason recorded"))
+        elif r.get("pose_failed") is True:
+            key = ("pose accuracy 0", str(r.get("pose_failure_reason") or "the reconstruction failed"))
+        else:
+            continue
+        groups.setdefault(key, []).append(r["sample_id"])
+    ranked = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    return [{"what": w, "reason": why, "count": len(ids), "examples": ids[:3]} for (w, why), ids in ranked]
+
+
+def failure_lines(summary: dict) -> list[str]:
+    """:func:`reasons_counted`'s entries as console lines: ``N x what: reason (e.g. ids)``."""
+    return [
+        f"{f['count']} x {f['what']}: {f['reason'][:300]} (e.g. {', '.join(f['examples'])})"
+        for f in summary.get("failures_by_reason", [])
+    ]
 
 
 def _execute(cfg, work: dict, new: list) -> None:
@@ -247,16 +271,17 @@ def _execute(cfg, work: dict, new: list) -> None:
     def actor_stage(ds, cls, size: int, num_cpus: float, num_gpus: float = 0):
         # one sample per call; a sample that kills its actor every time ends as a failure after
         # ray.actor_restarts restarts, not a loop; tasks of a restarted actor are retried
-        return ds.map_batches(
-            cls,
-            fn_constructor_kwargs={"config": config},
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=size),
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            max_restarts=cfg.ray.actor_restarts,
-            max_task_retries=cfg.ray.actor_task_retries,
-        )
+        with retry_args_allowed():  # Ray 2.60 has no named parameter for restarts yet
+            return ds.map_batches(
+                cls,
+                fn_constructor_kwargs={"config": config},
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=size),
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                max_restarts=cfg.ray.actor_restarts,
+                max_task_retries=cfg.ray.actor_task_retries,
+            )
 
     def records_of(rows: list[dict]):
         # rows travel as JSON: Ray Data would turn a column mixing None and text into floats
@@ -266,15 +291,15 @@ def _execute(cfg, work: dict, new: list) -> None:
     if work["generate"]:
         parts.append(
             actor_stage(
-                records_of(work["generate"]), er.GenerateSamples, cfg.actors, cfg.actor_cpus, cfg.num_gpus
+                records_of(work["generate"]), GenerateSamples, cfg.actors, cfg.actor_cpus, cfg.num_gpus
             )
         )
     if work["score"]:
         parts.append(records_of(work["score"]))
     ds = parts[0] if len(parts) == 1 else parts[0].union(parts[1])
-    ds = actor_stage(ds, er.ScoreSamples, cfg.scorers, cfg.scorer_cpus)
+    ds = actor_stage(ds, ScoreSamples, cfg.scorers, cfg.scorer_cpus)
     for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
-        new += er.records({"record": list(batch["record"])})
+        new += records({"record": list(batch["record"])})
 
 
 def _log_mlflow(cfg, summary: dict, results, table) -> str | None:
@@ -310,7 +335,7 @@ def _log_mlflow(cfg, summary: dict, results, table) -> str | None:
     log_artifact(client, rid, f"{out}/aggregate.csv", None)
     shown = results[results["status"] == "scored"].head(cfg.report_samples)
     for sid in shown["sample_id"]:
-        d = er.sample_dir(out, sid)
+        d = sample_dir(out, sid)
         log_artifact(client, rid, f"{d}/grid.png", f"samples/{sid}")
         log_artifact(client, rid, f"{d}/trajectory.png", f"samples/{sid}")
     client.set_terminated(rid)
