@@ -98,3 +98,58 @@ def test_preprocess_reads_and_writes_s3(sample_data, s3_server, tmp_path):
         res = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True)
         assert res.returncode == 1 and "is in use by another run" in res.stderr, res.stderr[-2000:]
     assert not fs.exists("mvc-bucket/shards/co3d/_lock.json")
+
+
+@pytest.mark.slow
+def test_evaluation_into_s3_logs_the_same_artifacts(train_shards, tiny_zoedepth, s3_server, tmp_path):
+    """``jobs.evaluate`` with ``output=s3://...`` writes its samples, tables and report to the
+    bucket and logs them to MLflow as a local output would (copied through fsspec)."""
+    import mlflow
+    import s3fs
+    import yaml
+
+    from mvcustom.models import MVCustomModel
+    from mvcustom.models.mvcustom import MVCustomConfig
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("mvc-eval")
+    model = MVCustomModel.tiny(MVCustomConfig(subject_tokens=["<sks>"], subject_init_words=["toy"]), seed=0)
+    model.save_pretrained(str(tmp_path / "model"))
+    spec = {
+        "subjects": [{"name": "teddy", "shards": train_shards, "num_references": 2}],
+        "prompts": ["a photo of a <sks> teddybear"],
+        "trajectories": [{"name": "arc40", "kind": "arc", "span_deg": 40}],
+    }
+    fs.pipe("mvc-eval/spec.yaml", yaml.safe_dump(spec).encode())  # the spec, too, from the bucket
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "jobs.evaluate", "--config", "jobs/configs/evaluate_debug.yaml"]
+    for s in (
+        f"model={tmp_path / 'model'}",
+        f"depth_model={tiny_zoedepth}",
+        "spec=s3://mvc-eval/spec.yaml",
+        "output=s3://mvc-eval/eval1",
+        f"mlflow.tracking_uri={uri}",
+        "ray.num_cpus=2",
+    ):
+        cmd += ["--set", s]
+    res = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout[res.stdout.index("{\n") :])
+    assert summary["scored"] == 1 and summary["report"] == "s3://mvc-eval/eval1/report/index.html"
+    fs.invalidate_cache()
+    assert fs.exists("mvc-eval/eval1/results.parquet") and fs.exists("mvc-eval/eval1/report/index.html")
+    client = mlflow.MlflowClient(uri)
+    rid = summary["mlflow_run_id"]
+    assert {"results.parquet", "aggregate.csv", "report", "samples"} <= {
+        a.path for a in client.list_artifacts(rid)
+    }
+    assert {"report/index.html", "report/images"} <= {a.path for a in client.list_artifacts(rid, "report")}
+    images = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(rid, "report/images")}
+    assert images == {"teddy-mvcustom-arc40-p0-s0_grid.png", "teddy-mvcustom-arc40-p0-s0_trajectory.png"}
+    page = Path(client.download_artifacts(rid, "report/index.html", str(tmp_path))).read_text()
+    assert "teddy-mvcustom-arc40-p0-s0" in page and "images/teddy-mvcustom-arc40-p0-s0_grid.png" in page
+    (sample,) = client.list_artifacts(rid, "samples")
+    assert {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(rid, sample.path)} == {
+        "grid.png",
+        "trajectory.png",
+    }

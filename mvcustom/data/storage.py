@@ -78,7 +78,7 @@ def read_bytes(url: str, attempts: int = 4, max_wait_s: float = 4.0) -> bytes:
     for attempt in Retrying(
         retry=retry_if_exception(is_transient),
         stop=stop_after_attempt(attempts),
-        wait=wait_exponential_jitter(initial=0.2, max=max_wait_s),
+        wait=wait_exponential_jitter(multiplier=0.2, max=max_wait_s),
         reraise=True,
     ):
         with attempt, fsspec.open(url, "rb") as f:
