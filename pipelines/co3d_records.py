@@ -3,14 +3,10 @@
 The Ray Data wiring (reading, actor pools for depth, writing shards, resume) is issue 3's
 ``pipelines/preprocess`` builder; these functions are what it maps over.
 
-Scene normalisation (documented contract of the CO3D shards): CO3D's world frames are arbitrary
-COLMAP frames with arbitrary scale. A clip is re-expressed so that
-
-* the world frame is the camera frame of the clip's first view (its extrinsics are identity), and
-* the scale makes the mean distance from the camera centres to the clip's *look-at point* equal
-  to 1, the look-at point being the least-squares intersection of the views' optical axes (for an
-  object-centric capture: the subject). Depth is multiplied by the same factor, so depth and
-  poses stay consistent; ``json["scene_scale"]`` records the factor applied.
+Scene normalisation: CO3D's world frames are arbitrary COLMAP frames with arbitrary scale, so
+each clip is re-expressed by :func:`mvcustom.geometry.conventions.normalize_scene` (the shards'
+contract: first camera's frame, unit mean distance to the look-at point) and its depth scaled
+by the same factor; ``json["scene_scale"]`` records the factor applied.
 """
 
 from __future__ import annotations
@@ -27,7 +23,7 @@ from mvcustom.configs.preprocess import Co3dInputConfig
 from mvcustom.data import co3d
 from mvcustom.data.schema import ClipSample, make_key
 from mvcustom.geometry import Cameras, cameras_from_co3d_viewpoints
-from mvcustom.geometry.camera import look_at_point
+from mvcustom.geometry.conventions import normalize_scene
 
 
 @dataclass
@@ -160,19 +156,6 @@ def sample_clip_indices(
         rng = np.random.default_rng([seed, clip_index])
         return sorted(rng.choice(num_available, size=num_frames, replace=False).tolist())
     raise ValueError(f"unknown clip sampling strategy {strategy!r}; expected spread, random or contiguous")
-
-
-def normalize_scene(cams: Cameras) -> tuple[Cameras, float]:
-    """Re-express ``cams`` in the first camera's frame, scaled as the module docstring says.
-
-    Returns the normalised cameras and the scale factor (multiply depths by it).
-    """
-    p = look_at_point(cams)
-    scale = 1.0 / float((cams.centers.to(torch.float64) - p).norm(dim=-1).mean())
-    rel = cams.to(dtype=torch.float64).relative_to(0)
-    w2c = rel.w2c.clone()
-    w2c[:, :3, 3] *= scale
-    return Cameras(w2c, rel.K, rel.image_hw), scale
 
 
 def _resize(arr: np.ndarray, box: tuple[int, int, int, int], hw: tuple[int, int], resample) -> np.ndarray:

@@ -18,7 +18,7 @@ lose. Photos the reconstruction does not register are dropped (interpolating a p
 unordered photos would be meaningless) and listed in ``json["dropped_photos"]``; a subject with
 fewer than ``photos.min_photos`` registered photos is an error record (the minimum stage 2 needs:
 ``clip.num_frames + data.num_references`` frames per sample, checked again when training starts). The scene is normalised as CO3D clips
-are (``pipelines.co3d_records.normalize_scene``: first camera's frame, mean distance to the
+are (``mvcustom.geometry.conventions.normalize_scene``: first camera's frame, mean distance to the
 look-at point 1), so stage 2's FeatureNeRF bounds apply unchanged. Depth comes from ZoeDepth
 when ``estimate_depth`` is on; there are no foreground masks, so stage 2 trains without its
 mask terms.
@@ -39,7 +39,7 @@ from mvcustom.configs.preprocess import PreprocessConfig
 from mvcustom.data.schema import ClipSample, make_key
 from mvcustom.data.storage import read_bytes
 from mvcustom.geometry import center_crop_box
-from pipelines.co3d_records import normalize_scene
+from mvcustom.geometry.conventions import normalize_scene
 from pipelines.errors import RecordError, TransientError, is_transient
 from pipelines.webvid_records import camera_motion
 

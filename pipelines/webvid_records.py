@@ -214,7 +214,7 @@ def camera_motion(cams: Cameras) -> dict:
 
 def build_webvid_clip(item: WebVidItem, cfg: PreprocessConfig) -> ClipSample:
     """Decode, pose (SfM) and resize one WebVid clip into the shard schema."""
-    from pipelines.sfm import run_sfm
+    from mvcustom.geometry.sfm import run_sfm
 
     frames, fps, indices = decode_frames(item.video, cfg.clip.num_frames, cfg.webvid.target_fps)
     H, W = frames.shape[1:3]

@@ -9,7 +9,8 @@ import torch
 from mvcustom.data import co3d
 from mvcustom.data.schema import decode_sample, encode_sample
 from mvcustom.geometry import Cameras
-from pipelines.co3d_records import build_clip, normalize_scene, sample_clip_indices
+from mvcustom.geometry.conventions import normalize_scene
+from pipelines.co3d_records import build_clip, sample_clip_indices
 
 
 @pytest.mark.parametrize("strategy", ["spread", "contiguous", "random"])

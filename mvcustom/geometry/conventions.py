@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from mvcustom.geometry.camera import Cameras, intrinsics_matrix
+from mvcustom.geometry.camera import Cameras, intrinsics_matrix, look_at_point
 
 Tensor = torch.Tensor
 
@@ -222,3 +222,24 @@ def format_realestate10k(timestamps: Sequence[int], cams: Cameras, url: str) -> 
         vals += cams.w2c[i, :3, :4].reshape(-1).tolist()
         lines.append(" ".join([str(int(ts))] + [repr(float(v)) for v in vals]))
     return lines
+
+
+def normalize_scene(cams: Cameras) -> tuple[Cameras, float]:
+    """The shards' scene normalisation (DESIGN.md §3), for sources whose world frame and scale are
+    arbitrary (CO3D's COLMAP frames, SfM of photos). The clip is re-expressed so that
+
+    * the world frame is the camera frame of the clip's first view (its extrinsics are identity),
+      and
+    * the scale makes the mean distance from the camera centres to the clip's *look-at point*
+      equal to 1, the look-at point being the least-squares intersection of the views' optical
+      axes (for an object-centric capture: the subject).
+
+    Returns the normalised cameras and the scale factor (multiply depths by it, so depth and
+    poses stay consistent).
+    """
+    p = look_at_point(cams)
+    scale = 1.0 / float((cams.centers.to(torch.float64) - p).norm(dim=-1).mean())
+    rel = cams.to(dtype=torch.float64).relative_to(0)
+    w2c = rel.w2c.clone()
+    w2c[:, :3, 3] *= scale
+    return Cameras(w2c, rel.K, rel.image_hw), scale

@@ -1,7 +1,7 @@
 """Camera poses of unposed frames by pycolmap structure-from-motion (CPU, one clip per call).
 
-Used by the WebVid preprocessing (``pipelines.webvid_records``, which imports it through the
-``pipelines.sfm`` re-export) and by the camera-pose-accuracy metric (:mod:`mvcustom.metrics.pose`,
+Used by the WebVid and photos preprocessing (``pipelines.webvid_records``,
+``pipelines.photos_records``) and by the camera-pose-accuracy metric (:mod:`mvcustom.metrics.pose`,
 PAPER.md §6 "CPA": COLMAP on the generated views).
 
 Video frames are ordered, so sequential matching (each frame against its ``overlap`` successors)
@@ -110,7 +110,7 @@ def _extract_and_match(frames, img_dir: Path, db: Path, cfg: SfmConfig, K, one_s
     img_dir.mkdir()
     names = [f"{i:05d}.png" for i in range(len(frames))]
     for name, fr in zip(names, frames, strict=True):
-        Image.fromarray(fr).save(img_dir / name)
+        Image.fromarray(fr).save(img_dir / name, compress_level=1)  # lossless either way; 3x faster to write
     reader = pycolmap.ImageReaderOptions()
     if K is None:
         reader.camera_model = "SIMPLE_PINHOLE"
@@ -119,6 +119,8 @@ def _extract_and_match(frames, img_dir: Path, db: Path, cfg: SfmConfig, K, one_s
         reader.camera_params = ",".join(str(float(v)) for v in (K[0, 0], K[1, 1], K[0, 2], K[1, 2]))
     extraction = pycolmap.FeatureExtractionOptions()
     extraction.num_threads = cfg.num_threads
+    extraction.sift.first_octave = cfg.first_octave
+    extraction.sift.max_num_features = cfg.max_num_features
     cpu = pycolmap.Device.cpu
     pycolmap.extract_features(
         db,
@@ -213,6 +215,7 @@ def run_sfm(
             opts.num_threads = cfg.num_threads
             opts.ba_refine_principal_point = False
             opts.ba_refine_extra_params = False
+            opts.extract_colors = False  # nothing reads the points' colours
             if K is not None:
                 opts.ba_refine_focal_length = False
             recs = pycolmap.incremental_mapping(db, img_dir, out, options=opts)
