@@ -36,8 +36,14 @@ CONFIGS = {
 }
 
 
+DIAGNOSTICS = ("rotation_span_deg", "triangulation_angle_deg", "reprojection_error", "num_points")
+
+
 def score(res, true: Cameras) -> dict:
     row = {"registered": f"{res.registered}/{res.total}"}
+    row.update(
+        {k: None if getattr(res, k) is None else round(float(getattr(res, k)), 3) for k in DIAGNOSTICS}
+    )
     if not res.ok:
         return {**row, "failure": res.reason}
     err = relative_pose_errors(res.cameras, true)
@@ -64,8 +70,24 @@ def summarise(rows: list[dict]) -> dict:
         vals = [abs(r[key]) for r in ok if r["motion"] == motion]
         return round(float(np.median(vals)), 3) if vals else None
 
+    from scipy.stats import spearmanr
+
+    # which diagnostic predicts the true error (the pose-quality figure to come): Spearman's
+    # rank correlation over posed clips, negative = a higher figure goes with a smaller error
+    predicts = {}
+    for d in DIAGNOSTICS:
+        pairs = [
+            (r[d], r["rotation_err_deg_median"], abs(r["focal_rel_err"])) for r in ok if r[d] is not None
+        ]
+        if len(pairs) >= 4:
+            x, rot, focal = map(list, zip(*pairs, strict=True))
+            predicts[d] = {
+                "vs_rotation_err": round(float(spearmanr(x, rot).statistic), 3),
+                "vs_focal_err": round(float(spearmanr(x, focal).statistic), 3),
+            }
     return {
         "posed": f"{len(ok)}/{len(rows)}",
+        "rank_correlation_with_true_error": predicts,
         "mean_seconds_per_clip": round(float(np.mean([r["seconds"] for r in rows])), 3),
         "by_motion": {
             m: {

@@ -116,6 +116,12 @@ def test_sfm_poses_match_ground_truth_after_alignment(sample_data):
     assert err["rotation_deg"].median() < 1.0, err["rotation_deg"]
     assert info["center_error"].max() < 0.1 * baseline
     assert abs(float(got.K[0, 0, 0] / true.K[0, 0, 0]) - 1) < 0.1  # focal recovered
+    # the pose-quality diagnostics: the rotation span is gauge-free, so it must match the truth's
+    from mvcustom.geometry.sfm import _rotation_span_deg
+
+    q = clip.meta["pose_quality"]
+    assert q["rotation_span_deg"] == pytest.approx(_rotation_span_deg(true), rel=0.05)
+    assert _rotation_span_deg(true) > 5 and 0 < q["triangulation_angle_deg"] < 90
 
 
 def test_sfm_failure_is_recorded_or_kept(sample_data, tmp_path):

@@ -45,6 +45,10 @@ class SfmResult:
         reason: why it failed (``None`` on success).
         registered_frames: frame positions (input order) the reconstruction registered; on
             success ``cameras[registered_frames]`` are the reconstruction's own poses.
+        rotation_span_deg: largest rotation between two registered cameras. A focal length is
+            only observable through rotation: a pure translation (truck, dolly) leaves it free.
+        triangulation_angle_deg: median over the 3D points of the widest angle between two rays
+            that observe the point (parallax; small angles make depth and focal ill-conditioned).
     """
 
     cameras: Cameras | None
@@ -56,6 +60,8 @@ class SfmResult:
     interpolated: list[int] = field(default_factory=list)
     reason: str | None = None
     registered_frames: list[int] = field(default_factory=list)
+    rotation_span_deg: float | None = None
+    triangulation_angle_deg: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -67,7 +73,34 @@ class SfmResult:
             "num_points": self.num_points,
             "reprojection_error_px": self.reprojection_error,
             "interpolated_frames": self.interpolated,
+            "rotation_span_deg": self.rotation_span_deg,
+            "triangulation_angle_deg": self.triangulation_angle_deg,
         }
+
+
+def _rotation_span_deg(cams: Cameras) -> float:
+    R = cams.R.to(torch.float64)
+    rel = torch.einsum("aij,bkj->abik", R, R)  # R_a R_b^T for every pair
+    cos = ((rel.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)
+    return float(torch.rad2deg(torch.arccos(cos)).max())
+
+
+def _triangulation_angle_deg(rec) -> float | None:
+    """Median over points of the widest angle between two of its observing rays (degrees)."""
+    centres = {}
+    for image_id in rec.reg_image_ids():
+        pose = rec.images[image_id].cam_from_world()
+        pose = pose() if callable(pose) else pose
+        R, t = pose.rotation.matrix(), pose.translation
+        centres[image_id] = -R.T @ t
+    angles = []
+    for p in rec.points3D.values():
+        rays = np.array([p.xyz - centres[e.image_id] for e in p.track.elements if e.image_id in centres])
+        if len(rays) < 2:
+            continue
+        rays /= np.linalg.norm(rays, axis=1, keepdims=True)
+        angles.append(np.degrees(np.arccos(np.clip((rays @ rays.T).min(), -1.0, 1.0))))
+    return float(np.median(angles)) if angles else None
 
 
 def _interpolate_missing(cams: Cameras, positions: list[int], total: int) -> tuple[Cameras, list[int]]:
@@ -236,6 +269,8 @@ def run_sfm(
         num_points=int(rec.num_points3D()),
         reprojection_error=float(rec.compute_mean_reprojection_error()),
         registered_frames=positions,
+        rotation_span_deg=_rotation_span_deg(cams),
+        triangulation_angle_deg=_triangulation_angle_deg(rec),
     )
     if registered / n < cfg.min_registered_fraction:
         result.reason = f"registered {registered}/{n} frames, below sfm.min_registered_fraction={cfg.min_registered_fraction}"
