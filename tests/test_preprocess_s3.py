@@ -23,6 +23,7 @@ def _free_port() -> int:
 
 @pytest.fixture()
 def s3_server(monkeypatch):
+    import s3fs
     from moto.server import ThreadedMotoServer
 
     port = _free_port()
@@ -36,8 +37,12 @@ def s3_server(monkeypatch):
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    # fsspec caches filesystem instances by their arguments: a bare S3FileSystem() made for an
+    # earlier test would still point at that test's (stopped) server
+    s3fs.S3FileSystem.clear_instance_cache()
     yield env
     server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.mark.slow

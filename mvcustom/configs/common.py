@@ -140,10 +140,19 @@ def quiet_embedded_worker() -> None:
     Ray Train's placement-group cleaner polls the state API every second and logs a warning
     each time it is unavailable (dozens of lines per training run). What it guards against, a
     controller that dies and leaves its placement group behind, cannot outlive an embedded Ray,
-    which ends with its driver; so its warnings are dropped here (errors still show). DeepSpeed
+    which ends with its driver; so its warnings are dropped here (errors still show). The
+    cleaner finds "its" cluster as ``address="auto"`` does, and with a second local Ray on the
+    machine (a test session's, a ``ray start`` cluster) that lookup raises ``Found multiple
+    active Ray instances`` and kills its thread with a traceback: each worker is told the
+    address of the Ray it belongs to (``RAY_ADDRESS``), as the driver knows it. DeepSpeed
     calls a torch collective that torch deprecates; that warning is DeepSpeed's to fix."""
     import logging
+    import os
     import warnings
+
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
         logging.ERROR
