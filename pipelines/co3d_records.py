@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mvcustom.configs.preprocess import Co3dInputConfig
+from mvcustom.configs.preprocess import Co3dInputConfig, PreprocessConfig
 from mvcustom.data import co3d
 from mvcustom.data.schema import ClipSample, make_key
 from mvcustom.geometry import Cameras, cameras_from_co3d_viewpoints
@@ -164,23 +164,17 @@ def _resize(arr: np.ndarray, box: tuple[int, int, int, int], hw: tuple[int, int]
     return np.asarray(im.resize((hw[1], hw[0]), resample))
 
 
-def build_clip(
-    root: str,
-    category: str,
-    frames: list[co3d.FrameAnnotation],
-    height: int,
-    width: int,
-    caption: str,
-    clip_index: int,
-    quality_score: float | None = None,
-    with_depth: bool = True,
-) -> ClipSample:
+def build_co3d_clip(item: Co3dItem, cfg: PreprocessConfig) -> ClipSample:
     """Load, crop/resize and normalise one clip of CO3D frames into the shard schema.
 
     Images are centre-cropped to the target aspect and resized (bicubic); masks bilinearly; depth
     and its validity mask with nearest-neighbour so unknown (0) depth never blends into valid
-    depth. Intrinsics follow the same crop and resize exactly.
+    depth. Intrinsics follow the same crop and resize exactly. The dataset's depth is loaded
+    when ``co3d.depth`` is ``dataset`` or ``both``.
     """
+    root, category, frames, caption = cfg.input, item.category, item.frames, item.caption
+    height, width = cfg.clip.height, cfg.clip.width
+    with_depth = cfg.co3d.depth in ("dataset", "both")
     if any(f.viewpoint is None for f in frames):
         missing = next(f.frame_number for f in frames if f.viewpoint is None)
         raise ValueError(f"{category}/{frames[0].sequence_name}: frame {missing} has no viewpoint annotation")
@@ -217,11 +211,11 @@ def build_clip(
         "depth_source": "co3d" if depth is not None else None,
         "depth_units": "scene (normalised with the poses)" if depth is not None else None,
         "pose_source": "co3d",
-        "pose_quality": quality_score,
+        "pose_quality": item.quality,
         "scene_scale": scale,
     }
     return ClipSample(
-        key=make_key("co3d", frames[0].sequence_name, clip_index),
+        key=make_key("co3d", frames[0].sequence_name, item.clip_index),
         meta=meta,
         caption=caption,
         frames=np.stack(imgs),
@@ -230,3 +224,19 @@ def build_clip(
         depth=depth.astype(np.float16) if depth is not None else None,
         mask=np.stack(masks) if len(masks) == len(frames) else None,
     )
+
+
+class Co3dSource:
+    """CO3Dv2 (:mod:`pipelines.sources`): clips of annotated frames; depth from the dataset
+    (``co3d.depth: dataset``), from ZoeDepth (``zoedepth``) or both."""
+
+    name = "co3d"
+
+    def list(self, cfg: PreprocessConfig) -> tuple[list[Co3dItem], list[dict]]:
+        return list_co3d_items(cfg.input, cfg.co3d, cfg.clip.num_frames)
+
+    def build(self, item: Co3dItem, cfg: PreprocessConfig) -> ClipSample:
+        return build_co3d_clip(item, cfg)
+
+    def depth_estimate(self, cfg: PreprocessConfig) -> str | None:
+        return {"zoedepth": "replace", "both": "both"}.get(cfg.co3d.depth)

@@ -173,3 +173,20 @@ def build_photos_clip(item: PhotoItem, cfg: PreprocessConfig) -> ClipSample:
         intrinsics=cams.K.to(torch.float32).numpy(),
         extrinsics=cams.w2c.to(torch.float32).numpy(),
     )
+
+
+class PhotosSource:
+    """A folder of photos per subject (:mod:`pipelines.sources`): posed by exhaustive SfM;
+    depth is always estimated."""
+
+    name = "photos"
+
+    def list(self, cfg: PreprocessConfig) -> tuple[list[PhotoItem], list[dict]]:
+        p = cfg.photos
+        return list_photo_items(cfg.input, p.min_photos, p.max_photos, p.caption_template, p.subjects)
+
+    def build(self, item: PhotoItem, cfg: PreprocessConfig) -> ClipSample:
+        return build_photos_clip(item, cfg)
+
+    def depth_estimate(self, cfg: PreprocessConfig) -> str | None:
+        return "replace"

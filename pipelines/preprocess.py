@@ -45,62 +45,27 @@ from mvcustom.data.schema import ClipSample, encode_sample
 from pipelines import shards as shardlib
 from pipelines.depth import add_depth, load_estimator
 from pipelines.errors import ShardFailedError, TransientError, as_error_row, is_transient
+from pipelines.sources import get_source
 
 
 @dataclass
 class Listing:
-    items: list  # Co3dItem | WebVidItem, deterministic order
+    items: list  # the source's items (Co3dItem, WebVidItem, PhotoItem), deterministic order
     errors: list[dict] = field(default_factory=list)
 
 
 def list_items(cfg: PreprocessConfig) -> Listing:
-    if cfg.source == "co3d":
-        from pipelines.co3d_records import list_co3d_items
-
-        items, errors = list_co3d_items(cfg.input, cfg.co3d, cfg.clip.num_frames)
-    elif cfg.source == "photos":
-        from pipelines.photos_records import list_photo_items
-
-        p = cfg.photos
-        items, errors = list_photo_items(
-            cfg.input, p.min_photos, p.max_photos, p.caption_template, p.subjects
-        )
-    else:
-        from pipelines.webvid_records import list_webvid_items
-
-        items, errors = list_webvid_items(cfg.input, cfg.webvid)
+    items, errors = get_source(cfg.source).list(cfg)
     return Listing(items, errors)
 
 
 def needs_depth_model(cfg: PreprocessConfig) -> bool:
-    if not cfg.estimate_depth:
-        return False
-    return cfg.source in ("webvid", "photos") or cfg.co3d.depth in ("zoedepth", "both")
+    return cfg.estimate_depth and get_source(cfg.source).depth_estimate(cfg) is not None
 
 
 def process_item(item, cfg: PreprocessConfig) -> ClipSample:
     """One input record -> one clip sample (raises with a reason on bad input)."""
-    if cfg.source == "co3d":
-        from pipelines.co3d_records import build_clip
-
-        return build_clip(
-            cfg.input,
-            item.category,
-            item.frames,
-            cfg.clip.height,
-            cfg.clip.width,
-            item.caption,
-            item.clip_index,
-            item.quality,
-            with_depth=cfg.co3d.depth in ("dataset", "both"),
-        )
-    if cfg.source == "photos":
-        from pipelines.photos_records import build_photos_clip
-
-        return build_photos_clip(item, cfg)
-    from pipelines.webvid_records import build_webvid_clip
-
-    return build_webvid_clip(item, cfg)
+    return get_source(cfg.source).build(item, cfg)
 
 
 def _stage_of(exc: BaseException) -> str:
@@ -192,7 +157,7 @@ def write_shard(row: dict, cfg: PreprocessConfig) -> dict:
 
 def depth_mode(cfg: PreprocessConfig) -> str:
     """``both`` keeps CO3D's depth beside the estimate; ``replace`` writes the estimate as depth."""
-    return "both" if cfg.source == "co3d" and cfg.co3d.depth == "both" else "replace"
+    return get_source(cfg.source).depth_estimate(cfg) or "replace"
 
 
 class ShardWorker:

@@ -34,7 +34,14 @@ from mvcustom.data.storage import read_bytes
 from mvcustom.geometry import Cameras, center_crop_box, rotation_angle_deg
 from pipelines.errors import RecordError, TransientError, is_transient
 
-__all__ = ["RecordError", "WebVidItem", "build_webvid_clip", "decode_frames", "list_webvid_items"]
+__all__ = [
+    "RecordError",
+    "WebVidItem",
+    "WebVidSource",
+    "build_webvid_clip",
+    "decode_frames",
+    "list_webvid_items",
+]
 
 
 @dataclass
@@ -265,3 +272,19 @@ def build_webvid_clip(item: WebVidItem, cfg: PreprocessConfig) -> ClipSample:
         intrinsics=K,
         extrinsics=w2c,
     )
+
+
+class WebVidSource:
+    """WebVid (:mod:`pipelines.sources`): CSV rows -> decoded clips posed by SfM; depth is
+    always estimated (WebVid has none)."""
+
+    name = "webvid"
+
+    def list(self, cfg: PreprocessConfig) -> tuple[list[WebVidItem], list[dict]]:
+        return list_webvid_items(cfg.input, cfg.webvid)
+
+    def build(self, item: WebVidItem, cfg: PreprocessConfig) -> ClipSample:
+        return build_webvid_clip(item, cfg)
+
+    def depth_estimate(self, cfg: PreprocessConfig) -> str | None:
+        return "replace"

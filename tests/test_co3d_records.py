@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from mvcustom.configs import PreprocessConfig, from_dict
 from mvcustom.data import co3d
 from mvcustom.data.schema import decode_sample, encode_sample
 from mvcustom.geometry import Cameras
 from mvcustom.geometry.conventions import normalize_scene
-from pipelines.co3d_records import build_clip, sample_clip_indices
+from pipelines.co3d_records import Co3dItem, build_co3d_clip, sample_clip_indices
 
 
 @pytest.mark.parametrize("strategy", ["spread", "contiguous", "random"])
@@ -27,14 +28,18 @@ def test_clip_indices(strategy):
 
 def test_built_clip_reprojects_ground_truth_points(sample_data):
     root = str(sample_data / "co3d")
+    cfg = from_dict(
+        PreprocessConfig, {"input": root, "clip": {"num_frames": 4, "height": 64, "width": 64}}, "t"
+    )
     for category in ("teddybear", "car"):
         cat = co3d.load_category(root, category)
         for seq, frames in cat.frames_by_sequence.items():
             idx = sample_clip_indices(len(frames), 4, "spread")
             clip_frames = [frames[i] for i in idx]
-            s = decode_sample(
-                encode_sample(build_clip(root, category, clip_frames, 64, 64, f"a photo of a {category}", 0))
+            item = Co3dItem(
+                f"{category}/{seq}/0000", category, seq, 0, clip_frames, f"a photo of a {category}", None
             )
+            s = decode_sample(encode_sample(build_co3d_clip(item, cfg)))
             assert (
                 s.frames.shape == (4, 64, 64, 3)
                 and s.depth.shape == (4, 64, 64)
