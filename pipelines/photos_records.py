@@ -41,7 +41,7 @@ from mvcustom.data.storage import read_bytes
 from mvcustom.geometry import center_crop_box
 from mvcustom.geometry.conventions import normalize_scene
 from pipelines.errors import RecordError, TransientError, is_transient
-from pipelines.webvid_records import camera_motion
+from pipelines.webvid_records import camera_motion, judge_pose_quality
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -159,7 +159,7 @@ def build_photos_clip(item: PhotoItem, cfg: PreprocessConfig) -> ClipSample:
         "depth_source": None,
         "depth_units": None,
         "pose_source": "pycolmap_sfm",
-        "pose_quality": res.quality(),
+        "pose_quality": judge_pose_quality(res, cfg.sfm),
         "scene_scale": scale,
         "camera_motion": camera_motion(cams),
         "photos": [item.photos[i].rsplit("/", 1)[-1] for i in keep],

@@ -19,9 +19,10 @@ Without a depth model there is one task per shard (build and write fuse: equal C
 Resources. Separate: depth actors take ``depth.num_cpus`` (0.5 by default) and
 ``depth.num_gpus``; build tasks take 1 CPU, or what the actors leave when that is less
 (:func:`plan_cpus`), so an actor pool can never hold the CPUs the tasks feeding it need (the
-deadlock STACK.md notes on 2 CPUs, and the one a 1-CPU run hit here). Fused: as many workers as
-the cluster's CPUs hold (:func:`fused_workers`); the shard rows come from the driver, so there
-are no read tasks to starve. Why fused on CPUs: each stage of the separate layout is a worker
+deadlock STACK.md notes on 2 CPUs, and the one a 1-CPU run hit here). Fused: an autoscaling
+pool that starts with as many workers as the cluster's CPUs hold and grows as nodes join
+(:func:`fused_pool`); the shard rows come from the driver, so there are no read tasks to
+starve. Why fused on CPUs: each stage of the separate layout is a worker
 process of its own (importing torch), and every frame crosses the object store twice; on CPU
 that costs more than the stages' overlap gains (``benchmarks/preprocess.py``, README).
 Failure semantics (nothing lost, nothing silent): a bad record is an error row; an environmental
@@ -37,6 +38,7 @@ import json
 import math
 import pickle
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from mvcustom.configs.common import init_ray, retry_args_allowed
@@ -128,7 +130,15 @@ def commit(built: BuiltShard, cfg: PreprocessConfig) -> dict:
         "errors": len(built.errors),
         "build_s": float(built.build_s),
         "done_at": time.time(),
+        "node": _node_id(),
     }
+
+
+def _node_id() -> str:
+    """The Ray node this runs on (``local`` outside Ray): the summary counts shards per node."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 def build_shard(row: dict, cfg: PreprocessConfig) -> dict:
@@ -234,12 +244,23 @@ def plan_cpus(cfg: PreprocessConfig, cluster_cpus: float) -> tuple[float, float]
 
 
 def fused_workers(cfg: PreprocessConfig, cluster_cpus: float) -> int:
-    """Shard workers of the fused layout: ``depth.actors``, or as many as the cluster's CPUs hold
-    at ``depth.num_cpus`` each (the input rows are already in the object store: there are no
-    read tasks for the pool to starve)."""
+    """Shard workers the cluster's CPUs hold now at ``depth.num_cpus`` each (``depth.actors``
+    when set). The input rows are already in the object store: there are no read tasks for
+    the pool to starve."""
     if cfg.depth.actors is not None:
         return cfg.depth.actors
     return max(1, math.floor(cluster_cpus / cfg.depth.cpus_per_actor + 1e-9))
+
+
+def fused_pool(cfg: PreprocessConfig, cluster_cpus: float, shards: int) -> dict:
+    """``ActorPoolStrategy`` arguments of the fused layout: a fixed ``depth.actors``, or an
+    autoscaling pool that starts with what the cluster holds now and may grow to
+    ``depth.max_actors`` (default: one per shard) as nodes join; never more than ``shards``."""
+    if cfg.depth.actors is not None:
+        return {"size": cfg.depth.actors}
+    start = min(fused_workers(cfg, cluster_cpus), shards)
+    top = max(start, min(cfg.depth.max_actors or shards, shards))
+    return {"min_size": start, "max_size": top, "initial_size": start}
 
 
 def content_fingerprint(cfg: PreprocessConfig) -> dict:
@@ -316,6 +337,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         "seconds": round(seconds, 2),
         "clips_per_s": round(sum(r["samples"] for r in results) / seconds, 3) if results else 0.0,
         "steady_clips_per_s": _round(steady_rate([(r["done_at"], r["samples"]) for r in results])),
+        "shards_by_node": dict(Counter(str(r["node"]) for r in results)),
         "failure_reasons": reasons,
     }
     if execution_error:
@@ -359,7 +381,7 @@ def _execute(
                 fn_constructor_kwargs={"cfg": cfg},
                 batch_size=1,
                 compute=ray.data.ActorPoolStrategy(
-                    size=fused_workers(cfg, cluster_cpus), max_tasks_in_flight_per_actor=2
+                    **fused_pool(cfg, cluster_cpus, len(rows)), max_tasks_in_flight_per_actor=2
                 ),
                 num_cpus=d.cpus_per_actor,
                 num_gpus=d.num_gpus,

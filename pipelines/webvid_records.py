@@ -28,10 +28,11 @@ import pyarrow.csv as pacsv
 import torch
 from PIL import Image
 
-from mvcustom.configs.preprocess import PreprocessConfig, WebVidInputConfig
+from mvcustom.configs.preprocess import PreprocessConfig, SfmConfig, WebVidInputConfig
 from mvcustom.data.schema import ClipSample, make_key
 from mvcustom.data.storage import read_bytes
 from mvcustom.geometry import Cameras, center_crop_box, rotation_angle_deg
+from mvcustom.geometry.sfm import SfmResult, run_sfm
 from pipelines.errors import RecordError, TransientError, is_transient
 
 __all__ = [
@@ -149,8 +150,11 @@ def list_webvid_items(root: str, cfg: WebVidInputConfig) -> tuple[list[WebVidIte
     return items, errors
 
 
-def decode_frames(url: str, num_frames: int, target_fps: float | None) -> tuple[np.ndarray, float, list[int]]:
-    """Decode ``num_frames`` frames sampled at ``target_fps`` from the start of the video.
+def decode_frames(
+    url: str, num_frames: int, target_fps: float | None, extra: int = 0
+) -> tuple[np.ndarray, float, list[int]]:
+    """Decode ``num_frames`` frames sampled at ``target_fps`` from the start of the video, and
+    up to ``extra`` more after them where the video has them.
 
     Returns ``(frames (N, H, W, 3) uint8, source fps, source frame indices)``.
     """
@@ -178,7 +182,7 @@ def decode_frames(url: str, num_frames: int, target_fps: float | None) -> tuple[
                 if step is None or t + 1e-6 >= len(frames) * step - (0.5 / fps if fps else 0):
                     frames.append(frame.to_ndarray(format="rgb24"))
                     indices.append(k)
-                    if len(frames) == num_frames:
+                    if len(frames) == num_frames + extra:
                         break
     except RecordError:
         raise
@@ -219,11 +223,29 @@ def camera_motion(cams: Cameras) -> dict:
     return {"max_rotation_deg": float(rot), "path_length": float(path)}
 
 
-def build_webvid_clip(item: WebVidItem, cfg: PreprocessConfig) -> ClipSample:
-    """Decode, pose (SfM) and resize one WebVid clip into the shard schema."""
-    from mvcustom.geometry.sfm import run_sfm
+def judge_pose_quality(res: SfmResult, cfg: SfmConfig) -> dict:
+    """``res.quality()`` with ``low`` set when the figure is below ``sfm.min_quality``; a
+    low-quality clip raises an ``sfm`` :class:`RecordError` under ``sfm.low_quality: drop``."""
+    q = res.quality()
+    q["low"] = q["score"] is not None and q["score"] < cfg.min_quality
+    if q["low"] and cfg.low_quality == "drop":
+        std = q["focal_rel_std"]
+        known = "not known at all" if std is None else f"known to +-{100 * std:.0f} %"
+        raise RecordError(
+            "sfm",
+            f"pose quality {q['score']:.2f} below sfm.min_quality={cfg.min_quality}: the focal is "
+            f"{known} (too little camera rotation to observe it)",
+        )
+    return q
 
-    frames, fps, indices = decode_frames(item.video, cfg.clip.num_frames, cfg.webvid.target_fps)
+
+def build_webvid_clip(item: WebVidItem, cfg: PreprocessConfig) -> ClipSample:
+    """Decode, pose (SfM; on up to ``sfm.extra_frames`` more frames than are stored) and resize
+    one WebVid clip into the shard schema."""
+    n = cfg.clip.num_frames
+    extra = cfg.sfm.extra_frames if cfg.estimate_poses else 0
+    decoded, fps, decoded_indices = decode_frames(item.video, n, cfg.webvid.target_fps, extra)
+    frames, indices = decoded[:n], decoded_indices[:n]
     H, W = frames.shape[1:3]
     stored, box = crop_resize_frames(frames, cfg.clip.height, cfg.clip.width)
     meta = {
@@ -245,19 +267,22 @@ def build_webvid_clip(item: WebVidItem, cfg: PreprocessConfig) -> ClipSample:
     K = w2c = None
     if cfg.estimate_poses:
         try:
-            res = run_sfm(frames, cfg.sfm)
+            res = run_sfm(decoded, cfg.sfm)
         except Exception as e:  # pycolmap can raise on degenerate input; it is the clip's failure
             if is_transient(e):  # out of memory is the node's failure, not the clip's
                 raise TransientError(f"SfM of {item.id}: {type(e).__name__}: {e}") from e
             raise RecordError("sfm", f"pycolmap failed: {type(e).__name__}: {e}") from None
-        meta["pose_quality"] = res.quality()
         if not res.ok:
             if not cfg.sfm.keep_failed:
                 raise RecordError("sfm", res.reason)
+            meta["pose_quality"] = res.quality()
             meta["pose_failure"] = res.reason
         else:
+            meta["pose_quality"] = judge_pose_quality(res, cfg.sfm)
+            meta["pose_quality"]["sfm_frames"] = len(decoded)
+            meta["pose_quality"]["interpolated_frames"] = [i for i in res.interpolated if i < n]
             x0, y0, cw, ch = box
-            cams = res.cameras.crop(x0, y0, cw, ch).resize(cfg.clip.height, cfg.clip.width).relative_to(0)
+            cams = res.cameras[:n].crop(x0, y0, cw, ch).resize(cfg.clip.height, cfg.clip.width).relative_to(0)
             scale = 1.0 / res.median_depth
             w2c = cams.w2c.clone()
             w2c[:, :3, 3] *= scale

@@ -582,3 +582,35 @@ def _title(p) -> str:
         return " ".join(p.cmdline())
     except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
         return ""
+
+
+@pytest.mark.slow
+def test_a_node_that_joins_mid_run_gets_shard_workers(cluster, sample_data, tiny_zoedepth, tmp_path):
+    """The fused pool autoscales (``depth.max_actors``; Ray Data's autoscaling actor pool):
+    preprocessing starts on the head alone, a worker node joins once the first shard is
+    committed, and shard workers on the new node commit shards before the job ends."""
+    import pyarrow.parquet as pq
+
+    if cluster.worker_id in {n["node_id"] for n in cluster.alive_nodes()}:
+        cluster.kill_worker()  # the head alone, as an autoscaling cluster starts
+        cluster.wait_node_dead(cluster.worker_id)
+    shards = tmp_path / "shards"
+    job = _start_drill_preprocess(
+        cluster,
+        sample_data,
+        shards,
+        "co3d.clips_per_sequence=8",  # 32 one-clip shards: the run outlasts the node's start
+        "co3d.depth=zoedepth",
+        f"depth.model={tiny_zoedepth}",
+    )
+    _wait_for(lambda: bool(list(shards.glob("train-*.json"))), 240, "a first committed shard")
+    joined_at = len(list(shards.glob("train-*.json")))
+    cluster.worker_id = joined = cluster.add_worker()
+    stdout, stderr = job.communicate(timeout=480)
+    assert job.returncode == 0, stdout[-4000:] + stderr[-3000:]
+    summary, _ = json.JSONDecoder().raw_decode(stdout[stdout.index('{\n "source"') :])
+    by_node = summary["shards_by_node"]
+    assert sum(by_node.values()) == summary["shards_written"] == 32 and joined_at < 32
+    assert by_node.get(joined, 0) >= 1, f"no shard was committed on the node that joined: {by_node}"
+    manifest = pq.read_table(shards / "manifest.parquet").to_pylist()
+    assert len({r["key"] for r in manifest}) == 32

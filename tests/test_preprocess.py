@@ -217,7 +217,7 @@ def test_cpu_plan_never_starves_the_feeding_tasks():
 
 
 def test_depth_placement_and_fused_pool_size():
-    from pipelines.preprocess import fused_workers, plan_cpus
+    from pipelines.preprocess import fused_pool, fused_workers, plan_cpus
 
     cpu = _cfg("webvid", "in", "out")  # auto on CPU: fused, one 1-CPU worker per core
     assert cpu.depth.fused and cpu.depth.cpus_per_actor == 1.0
@@ -226,6 +226,14 @@ def test_depth_placement_and_fused_pool_size():
     two = _cfg("webvid", "in", "out", "depth.num_cpus=2")
     assert fused_workers(two, 16.0) == 8 and fused_workers(two, 1.0) == 1
     assert fused_workers(_cfg("webvid", "in", "out", "depth.actors=3"), 16.0) == 3
+    # the pool autoscales from what the cluster holds now up to one worker per shard (or
+    # depth.max_actors), so nodes that join mid-run get workers; depth.actors fixes it
+    assert fused_pool(cpu, 2.0, 12) == {"min_size": 2, "max_size": 12, "initial_size": 2}
+    assert fused_pool(cpu, 16.0, 3) == {"min_size": 3, "max_size": 3, "initial_size": 3}
+    capped = _cfg("webvid", "in", "out", "depth.max_actors=4")
+    assert fused_pool(capped, 2.0, 12) == {"min_size": 2, "max_size": 4, "initial_size": 2}
+    assert fused_pool(capped, 8.0, 12)["max_size"] == 8  # never below what the cluster holds
+    assert fused_pool(_cfg("webvid", "in", "out", "depth.actors=3"), 2.0, 12) == {"size": 3}
     gpu = _cfg("webvid", "in", "out", "depth.num_gpus=0.25")  # auto on GPUs: separate
     assert not gpu.depth.fused and gpu.depth.cpus_per_actor == 0.5
     assert _cfg("webvid", "in", "out", "depth.num_gpus=1", "depth.placement=fused").depth.fused

@@ -124,6 +124,51 @@ def test_sfm_poses_match_ground_truth_after_alignment(sample_data):
     assert _rotation_span_deg(true) > 5 and 0 < q["triangulation_angle_deg"] < 90
 
 
+def test_pose_quality_figure_predicts_the_error_and_flags_ill_posed_clips(sample_data):
+    """The figure (1 / (1 + focal std / 5 %), from bundle adjustment's covariance) on the
+    generator's clips: an arc seen over more frames (more rotation) scores higher; a sideways
+    track (no rotation: the focal is unobservable) scores below every well-posed clip; across
+    all of them the figure ranks the clips by their true focal error, which scales every
+    rotation angle. sfm.min_quality flags the ill-posed ones, or drops them."""
+    import json
+
+    from scipy.stats import spearmanr
+
+    from mvcustom.configs.preprocess import SfmConfig
+    from mvcustom.geometry.sfm import run_sfm
+    from pipelines.webvid_records import judge_pose_quality
+
+    motion = {
+        v["videoid"]: v["motion"]
+        for v in json.loads((sample_data / "ground_truth" / "index.json").read_text())["webvid"]["videos"]
+    }
+    items, _ = list_webvid_items(str(sample_data / "webvid"), WebVidInputConfig())
+    rows = []
+    for item in items:  # the arc clip, then the truck clip
+        frames = decode_frames(item.video, 12, None)[0]
+        gt = np.load(sample_data / "ground_truth" / "webvid" / f"{item.id}.npz")
+        for n in (5, 8, 12):
+            res = run_sfm(frames[:n], SfmConfig(overlap=4))
+            if not res.ok:  # a track may not initialise at all: that is a failure, not a pose
+                continue
+            true_f = float(gt["K"][0, 0, 0])
+            rows.append((motion[item.id], n, res.score, abs(float(res.cameras.K[0, 0, 0]) / true_f - 1)))
+    arc = {n: score for m, n, score, _ in rows if m == "arc"}
+    track = [score for m, _, score, _ in rows if m == "truck"]
+    assert set(arc) == {5, 8, 12} and track, rows
+    assert arc[5] < arc[8] < arc[12], rows
+    assert max(track) < min(arc[8], arc[12]), rows
+    rho = spearmanr([r[2] for r in rows], [r[3] for r in rows]).statistic
+    assert rho < -0.6, (rho, rows)
+    # the threshold flags or drops what scores below it
+    cfg = SfmConfig(overlap=4, min_quality=max(track) + 1e-6)
+    res = run_sfm(frames[:12], cfg)
+    if res.ok:
+        assert judge_pose_quality(res, cfg)["low"]
+        with pytest.raises(RecordError, match="below sfm.min_quality"):
+            judge_pose_quality(res, SfmConfig(overlap=4, min_quality=1.0, low_quality="drop"))
+
+
 def test_sfm_failure_is_recorded_or_kept(sample_data, tmp_path):
     """A static shot (no parallax) cannot be reconstructed: an error record, or kept without poses."""
     from mvcustom.data.generator.webvid_writer import encode_h264

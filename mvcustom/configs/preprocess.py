@@ -119,10 +119,12 @@ class DepthModelConfig:
         num_cpus: CPUs per actor; ``None``: 1 for a fused shard worker (it does all the CPU
             work of its shards), 0.5 for a separate depth actor (fractional so the build tasks
             feeding it are not starved). Torch uses ``floor(num_cpus)`` threads, at least 1.
-        actors: pool size; ``None``: 1 depth actor (``separate``), or as many shard workers as
-            the cluster's CPUs hold at ``num_cpus`` each (``fused``; counted when the job
-            starts, so set it on an autoscaling cluster or one whose nodes are still joining;
-            each worker holds a model in memory, so cap it on many-core nodes with little RAM).
+        actors: a fixed pool size; ``None``: 1 depth actor (``separate``), or an autoscaling
+            pool of shard workers (``fused``): it starts with as many as the cluster's CPUs
+            hold at ``num_cpus`` each and grows, up to ``max_actors``, as nodes join (Ray
+            Data's autoscaling actor pool), so an autoscaling cluster's new nodes get workers.
+        max_actors: the autoscaling fused pool's upper bound; ``None``: one per shard to do.
+            Each worker holds a model in memory: cap it on many-core nodes with little RAM.
         input_size: network input size ``[height, width]`` the frames are resized towards
             (ZoeDepth's processor uses 384x512; sides are rounded to multiples of 32).
         flip_average: also run the mirrored frame and average (the processor's default).
@@ -134,12 +136,17 @@ class DepthModelConfig:
     num_gpus: float = 0.0
     num_cpus: float | None = None
     actors: int | None = None
+    max_actors: int | None = None
     input_size: tuple[int, int] = (384, 512)
     flip_average: bool = True
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "depth.batch_size must be >= 1")
         check(self.actors is None or self.actors >= 1, "depth.actors must be >= 1 (or null: automatic)")
+        check(
+            self.max_actors is None or self.max_actors >= 1,
+            "depth.max_actors must be >= 1 (or null: one per shard)",
+        )
         check(self.num_gpus >= 0, "depth.num_gpus must be >= 0")
         check(self.num_cpus is None or self.num_cpus > 0, "depth.num_cpus must be > 0 (or null: automatic)")
         check(min(self.input_size) >= 32, "depth.input_size sides must be >= 32")
@@ -173,6 +180,18 @@ class SfmConfig:
             0 here; -1 can still help on frames far smaller than WebVid's.
         max_num_features: SIFT features kept per frame (COLMAP's default is 8192; 2048 is
             beyond what a 320x192 frame yields at octave 0, and bounds matching on larger ones).
+        extra_frames: WebVid: SfM also sees up to this many frames after the clip's last one
+            (same sampling rate, when the video has them) and only the clip's poses are
+            stored. The focal is observable only through rotation, so a longer reach
+            conditions it better on short clips, at the cost of SfM time (about linear in the
+            frames). 0: SfM on the stored frames only.
+        min_quality: the pose-quality figure (``json.pose_quality.score`` =
+            1 / (1 + s / 0.05), s the focal's relative standard deviation from bundle
+            adjustment's covariance: 0.5 = focal known to +-5 %, 0.33 = +-10 %) below which a
+            clip is low quality. 0 flags nothing.
+        low_quality: what happens to a low-quality clip: ``flag`` stores it with
+            ``json.pose_quality.low = true`` (filter on it when training), ``drop`` makes it an
+            error record (stage ``sfm``) like a failed reconstruction.
     """
 
     matcher: Literal["sequential", "exhaustive"] = "sequential"
@@ -183,12 +202,17 @@ class SfmConfig:
     num_threads: int = 1
     first_octave: int = 0
     max_num_features: int = 2048
+    extra_frames: int = 0
+    min_quality: float = 0.5
+    low_quality: Literal["flag", "drop"] = "flag"
 
     def __post_init__(self) -> None:
         check(0 < self.min_registered_fraction <= 1, "sfm.min_registered_fraction must be in (0, 1]")
         check(self.overlap >= 1 and self.num_threads >= 1, "sfm.overlap and sfm.num_threads must be >= 1")
         check(self.first_octave >= -1, "sfm.first_octave must be >= -1 (-1: upsample 2x first)")
         check(self.max_num_features >= 64, "sfm.max_num_features must be >= 64")
+        check(self.extra_frames >= 0, "sfm.extra_frames must be >= 0")
+        check(0 <= self.min_quality <= 1, "sfm.min_quality must be in [0, 1] (0: flag nothing)")
 
 
 @dataclass
