@@ -296,7 +296,9 @@ def test_pipeline_from_pretrained_round_trip(pipe, tmp_path):
 def test_model_cpu_offload_runs_the_same_pipeline(pipe):
     """diffusers' enable_model_cpu_offload over the pipeline's components (text encoder, UNet,
     VAE in turn; the additions kept on the device). On CPU the device is the CPU itself, so this
-    checks the wiring (hooks, execution device, tensors following them): the same frames."""
+    checks the wiring (hooks, execution device, tensors following them): the same frames, up to
+    float rounding (the hooks' tensor moves may change memory layouts, so kernels: 2.5e-5 here,
+    which can flip a uint8 pixel; a wiring fault changes frames by far more)."""
     import copy
 
     from mvcustom.inference.pipeline import InferenceOptions
@@ -307,7 +309,7 @@ def test_model_cpu_offload_runs_the_same_pipeline(pipe):
     def run(p):
         g = torch.Generator().manual_seed(0)
         return p(
-            "a <sks> toy", cams, refs, num_inference_steps=3, generator=g, options=opts, output_type="np"
+            "a <sks> toy", cams, refs, num_inference_steps=3, generator=g, options=opts, output_type="pt"
         )
 
     base = run(pipe)
@@ -318,4 +320,4 @@ def test_model_cpu_offload_runs_the_same_pipeline(pipe):
     }
     assert not hasattr(offloaded.components["mvcustom"], "_hf_hook")  # kept on the device
     assert offloaded._execution_device.type == "cpu" and offloaded.model.device.type == "cpu"
-    assert np.array_equal(run(offloaded).frames, base.frames)
+    assert torch.allclose(run(offloaded).frames, base.frames, atol=1e-4)
