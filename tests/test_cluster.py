@@ -585,12 +585,13 @@ def _title(p) -> str:
 
 
 @pytest.mark.slow
-def test_a_node_that_joins_mid_run_gets_shard_workers(cluster, sample_data, tiny_zoedepth, tmp_path):
+def test_a_node_that_joins_mid_run_gets_shard_workers(cluster, sample_data, tiny_zoedepth, tmp_path, capsys):
     """The fused pool autoscales (``depth.max_actors``; Ray Data's autoscaling actor pool):
     preprocessing starts on the head alone, a worker node joins once the first shard is
     committed, and shard workers on the new node commit shards before the job ends."""
     import pyarrow.parquet as pq
 
+    N = 192
     if cluster.worker_id in {n["node_id"] for n in cluster.alive_nodes()}:
         cluster.kill_worker()  # the head alone, as an autoscaling cluster starts
         cluster.wait_node_dead(cluster.worker_id)
@@ -599,18 +600,37 @@ def test_a_node_that_joins_mid_run_gets_shard_workers(cluster, sample_data, tiny
         cluster,
         sample_data,
         shards,
-        "co3d.clips_per_sequence=8",  # 32 one-clip shards: the run outlasts the node's start
+        f"co3d.clips_per_sequence={N // 4}",  # N one-clip shards: the run outlasts the node's start
+        "clip.height=256",
+        "clip.width=256",
         "co3d.depth=zoedepth",
         f"depth.model={tiny_zoedepth}",
     )
+    t0 = time.time()
     _wait_for(lambda: bool(list(shards.glob("train-*.json"))), 240, "a first committed shard")
-    joined_at = len(list(shards.glob("train-*.json")))
+    first_at = time.time() - t0
     cluster.worker_id = joined = cluster.add_worker()
+    joined_at, done_at_join = time.time() - t0, len(list(shards.glob("train-*.json")))
     stdout, stderr = job.communicate(timeout=480)
     assert job.returncode == 0, stdout[-4000:] + stderr[-3000:]
     summary, _ = json.JSONDecoder().raw_decode(stdout[stdout.index('{\n "source"') :])
     by_node = summary["shards_by_node"]
-    assert sum(by_node.values()) == summary["shards_written"] == 32 and joined_at < 32
-    assert by_node.get(joined, 0) >= 1, f"no shard was committed on the node that joined: {by_node}"
+    timeline = (
+        f"first shard at {first_at:.1f} s, node joined at {joined_at:.1f} s with {done_at_join}/{N} "
+        f"shards done, job done at {time.time() - t0:.1f} s; shards by node {by_node}"
+    )
+    assert sum(by_node.values()) == summary["shards_written"] == N, timeline
+    assert done_at_join < N - 8, f"the node joined too late to show anything: {timeline}"
+    workers = [
+        a
+        for a in cluster.state("actors", _submission_id(stderr))
+        if "ShardWorker" in (a.get("repr_name") or "")
+    ]
+    on_joined = [a for a in workers if a["node_id"] == joined]
+    timeline += f"; {len(workers)} shard workers, {len(on_joined)} on the joined node"
+    assert on_joined, f"the pool did not grow onto the node that joined: {timeline}"
+    assert by_node.get(joined, 0) >= 1, f"no shard was committed on the node that joined: {timeline}"
+    with capsys.disabled():
+        print(f"\nautoscaling: {timeline}")
     manifest = pq.read_table(shards / "manifest.parquet").to_pylist()
-    assert len({r["key"] for r in manifest}) == 32
+    assert len({r["key"] for r in manifest}) == N
