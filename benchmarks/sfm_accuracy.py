@@ -31,7 +31,7 @@ from mvcustom.configs.preprocess import SfmConfig
 from mvcustom.data.generator import generate_sample_data
 from mvcustom.geometry import Cameras, align_cameras, relative_pose_errors
 from mvcustom.geometry.sfm import run_sfm
-from pipelines.webvid_records import decode_frames
+from pipelines.webvid_records import decode_frames, judge_pose_quality
 
 CONFIGS = {
     "colmap_defaults": {"first_octave": -1, "max_num_features": 8192},
@@ -42,6 +42,7 @@ CONFIGS = {
 DIAGNOSTICS = (
     "score",
     "focal_rel_std",
+    "forward_motion",
     "rotation_span_deg",
     "triangulation_angle_deg",
     "reprojection_error",
@@ -49,12 +50,12 @@ DIAGNOSTICS = (
 )
 
 
-def score(res, true: Cameras, min_quality: float) -> dict:
+def score(res, true: Cameras, cfg: SfmConfig) -> dict:
     row = {"registered": f"{res.registered}/{res.total}"}
     row.update(
         {k: None if getattr(res, k) is None else round(float(getattr(res, k)), 4) for k in DIAGNOSTICS}
     )
-    row["low_quality"] = res.score is not None and res.score < min_quality
+    row["low_quality"] = bool(res.ok and judge_pose_quality(res, cfg)["low"])
     if not res.ok:
         return {**row, "failure": res.reason}
     err = relative_pose_errors(res.cameras, true)
@@ -162,7 +163,7 @@ def main() -> None:
                 if res.ok:  # score the clip's own frames (the extra ones only condition SfM)
                     res.cameras = res.cameras[: args.frames]
                 row = {"config": name, "motion": v["motion"], "seconds": round(time.perf_counter() - t, 3)}
-                row.update(score(res, true, sfm.min_quality))
+                row.update(score(res, true, sfm))
                 rows[name].append(row)
                 print(json.dumps(row), flush=True)
     summary = {name: summarise(r) for name, r in rows.items()}

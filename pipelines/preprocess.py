@@ -299,7 +299,9 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
     shardlib.preflight_output(cfg.output)
     with shardlib.OutputLock(cfg.output, cfg.lock_ttl_s):
         shardlib.check_job_fingerprint(cfg.output, content_fingerprint(cfg))
+        t_list = time.time()
         listing = list_items(cfg)
+        phases = {"setup_s": t_list - t0, "listing_s": time.time() - t_list}
         specs = shardlib.assign_shards(len(listing.items), cfg.samples_per_shard)
         shardlib.check_plan(cfg.output, cfg.split, [[listing.items[j].id for j in r] for r in specs])
         done = shardlib.completed_shards(cfg.output, cfg.split)
@@ -309,12 +311,16 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         execution_error = None
         if todo:
             try:
-                _execute(cfg, listing, specs, todo, results)
+                _execute(cfg, listing, specs, todo, results, phases)
             except Exception as e:  # Ray Data aborted: report what is missing, then fail the job
                 execution_error = f"{type(e).__name__}: {e}"[-4000:]
         manifest, errors, complete = shardlib.collect(cfg.output, cfg.split, listing.errors)
         missing = [i for i in todo if i not in complete]
     seconds = time.time() - t0
+    if results:  # where a run's time goes: its fixed cost is everything before the first commit
+        commits = sorted(r["done_at"] for r in results)
+        phases["first_commit_s"] = commits[0] - t0
+        phases["last_commit_s"] = commits[-1] - t0
     reasons: dict[str, dict] = {}
     for r in errors.to_pylist():
         entry = reasons.setdefault(r["stage"], {"count": 0, "examples": []})
@@ -339,6 +345,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         "steady_clips_per_s": _round(steady_rate([(r["done_at"], r["samples"]) for r in results])),
         "shards_by_node": dict(Counter(str(r["node"]) for r in results)),
         "failure_reasons": reasons,
+        "phases_s": {k: round(v, 2) for k, v in phases.items()},
     }
     if execution_error:
         summary["execution_error"] = execution_error
@@ -346,13 +353,15 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
 
 
 def _execute(
-    cfg: PreprocessConfig, listing: Listing, specs: list[range], todo: list[int], results: list
+    cfg: PreprocessConfig, listing: Listing, specs: list[range], todo: list[int], results: list, phases: dict
 ) -> None:
     """Build the Ray Data program over the shards in ``todo`` and run it, appending each shard's
     status row to ``results`` as it commits (so a run that aborts still reports what it did)."""
     import ray
 
+    t = time.time()
     init_ray(cfg.ray)
+    phases["ray_init_s"] = time.time() - t
     ctx = ray.data.DataContext.get_current()
     # 0 by default: a record-level failure is already an error row, so a failed block is a real
     # fault, and a budget > 0 would let Ray Data drop its shards and finish "successfully"

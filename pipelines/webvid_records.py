@@ -224,18 +224,27 @@ def camera_motion(cams: Cameras) -> dict:
 
 
 def judge_pose_quality(res: SfmResult, cfg: SfmConfig) -> dict:
-    """``res.quality()`` with ``low`` set when the figure is below ``sfm.min_quality``; a
-    low-quality clip raises an ``sfm`` :class:`RecordError` under ``sfm.low_quality: drop``."""
+    """``res.quality()`` with ``low`` set (and ``low_reasons`` listed) when the figure is below
+    ``sfm.min_quality`` or the camera moves along its view more than ``sfm.max_forward_motion``;
+    a low-quality clip raises an ``sfm`` :class:`RecordError` under ``sfm.low_quality: drop``."""
     q = res.quality()
-    q["low"] = q["score"] is not None and q["score"] < cfg.min_quality
-    if q["low"] and cfg.low_quality == "drop":
+    reasons = []
+    if q["score"] is not None and q["score"] < cfg.min_quality:
         std = q["focal_rel_std"]
         known = "not known at all" if std is None else f"known to +-{100 * std:.0f} %"
-        raise RecordError(
-            "sfm",
+        reasons.append(
             f"pose quality {q['score']:.2f} below sfm.min_quality={cfg.min_quality}: the focal is "
-            f"{known} (too little camera rotation to observe it)",
+            f"{known} (too little camera rotation to observe it)"
         )
+    fwd = q["forward_motion"]
+    if not res.focal_fixed and fwd is not None and fwd > cfg.max_forward_motion:
+        reasons.append(
+            f"forward motion {fwd:.2f} above sfm.max_forward_motion={cfg.max_forward_motion}: the "
+            "camera moves along its view, where SfM's rotations are unreliable"
+        )
+    q["low"], q["low_reasons"] = bool(reasons), reasons
+    if reasons and cfg.low_quality == "drop":
+        raise RecordError("sfm", "; ".join(reasons))
     return q
 
 

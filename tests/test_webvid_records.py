@@ -206,3 +206,18 @@ def test_url_column_locates_videos(webvid_copy):
     assert not errors and len(items) == 2
     frames, _, _ = decode_frames(items[0].video, 4, None)
     assert frames.shape[0] == 4
+
+
+@pytest.mark.parametrize(
+    ("motion", "low", "high"), [("dolly", 0.9, 1.0), ("orbit", 0.0, 0.3), ("truck", 0.0, 0.1)]
+)
+def test_forward_motion_figure_on_true_camera_paths(motion, low, high):
+    """The forward-motion figure of the generator's exact camera paths: a dolly moves along its
+    view, an orbit and a track across it (SfM's wrong dolly reconstructions still show ~0.5,
+    above sfm.max_forward_motion = 0.4: benchmarks/sfm_accuracy.py)."""
+    from mvcustom.data.generator.webvid_writer import clip_cameras
+    from mvcustom.geometry.sfm import _forward_motion
+
+    for seed in range(3):
+        cams = clip_cameras(torch.Generator().manual_seed(seed), motion, 16, (192, 320))
+        assert low <= _forward_motion(cams) <= high, (motion, seed, _forward_motion(cams))
