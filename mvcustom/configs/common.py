@@ -108,7 +108,7 @@ def init_ray(cfg: RayConfig, log_to_driver: bool = True) -> None:
         include_dashboard=cfg.dashboard,
         dashboard_host=cfg.dashboard_host,
         log_to_driver=log_to_driver,
-        runtime_env=embedded_runtime_env(cfg.dashboard),
+        runtime_env=embedded_runtime_env(),
         _system_config=system,
     )
 
@@ -125,27 +125,30 @@ EMBEDDED_WORKER_ENV = {
 }
 
 
-def embedded_runtime_env(dashboard: bool) -> dict:
-    """The runtime_env of an embedded local Ray: :data:`EMBEDDED_WORKER_ENV`, plus
-    :func:`quiet_embedded_worker` in every worker when there is no dashboard."""
-    env: dict = {"env_vars": dict(EMBEDDED_WORKER_ENV)}
-    if not dashboard:
-        env["worker_process_setup_hook"] = "mvcustom.configs.common.quiet_embedded_worker"
-    return env
+def embedded_runtime_env() -> dict:
+    """The runtime_env of an embedded local Ray: :data:`EMBEDDED_WORKER_ENV`, and
+    :func:`setup_embedded_worker` in every worker."""
+    return {
+        "env_vars": dict(EMBEDDED_WORKER_ENV),
+        "worker_process_setup_hook": "mvcustom.configs.common.setup_embedded_worker",
+    }
 
 
-def quiet_embedded_worker() -> None:
-    """Worker setup of an embedded Ray without a dashboard (so without the state API).
+def setup_embedded_worker() -> None:
+    """Worker setup of an embedded Ray, with or without a dashboard.
 
-    Ray Train's placement-group cleaner polls the state API every second and logs a warning
-    each time it is unavailable (dozens of lines per training run). What it guards against, a
-    controller that dies and leaves its placement group behind, cannot outlive an embedded Ray,
-    which ends with its driver; so its warnings are dropped here (errors still show). The
-    cleaner finds "its" cluster as ``address="auto"`` does, and with a second local Ray on the
-    machine (a test session's, a ``ray start`` cluster) that lookup raises ``Found multiple
-    active Ray instances`` and kills its thread with a traceback: each worker is told the
-    address of the Ray it belongs to (``RAY_ADDRESS``), as the driver knows it. DeepSpeed
-    calls a torch collective that torch deprecates; that warning is DeepSpeed's to fix."""
+    Ray's own lookups from inside a worker (Ray Train's placement-group cleaner asks the state
+    API for its actors) find "their" cluster as ``address="auto"`` does; with a second local
+    Ray on the machine (a test session's, a ``ray start`` cluster) that raises ``Found multiple
+    active Ray instances`` and kills the cleaner's thread with a traceback. So each worker is
+    told the address of the Ray it belongs to (``RAY_ADDRESS``), as the driver knows it.
+
+    Without a dashboard there is no state API: the cleaner then logs a warning every second
+    (dozens of lines per training run). What it guards against, a controller that dies and
+    leaves its placement group behind, cannot outlive an embedded Ray, which ends with its
+    driver; so its warnings are dropped (errors still show; with a dashboard it has none).
+    DeepSpeed calls a torch collective that torch deprecates; that warning is DeepSpeed's to
+    fix."""
     import logging
     import os
     import warnings
@@ -153,7 +156,6 @@ def quiet_embedded_worker() -> None:
     import ray
 
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
         logging.ERROR
     )

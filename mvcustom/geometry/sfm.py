@@ -121,13 +121,12 @@ def _rotation_span_deg(cams: Cameras) -> float:
 def _forward_motion(cams: Cameras) -> float | None:
     C = cams.centers.to(torch.float64)
     axes = cams.R.to(torch.float64)[:, 2, :]  # each camera's optical axis in world coordinates
-    cos = []
-    for i in range(len(C)):
-        for j in range(i + 1, len(C)):
-            b = C[j] - C[i]
-            if float(b.norm()) > 1e-12:
-                cos.append(abs(float(b @ axes[i])) / float(b.norm()))
-    return float(np.median(cos)) if cos else None
+    i, j = torch.triu_indices(len(C), len(C), offset=1)
+    baseline = C[j] - C[i]
+    length = baseline.norm(dim=-1)
+    moved = length > 1e-12
+    cos = (baseline * axes[i]).sum(-1).abs()[moved] / length[moved]
+    return float(np.median(cos.numpy())) if len(cos) else None
 
 
 def _triangulation_angle_deg(rec) -> float | None:
