@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
                 f"mlflow.tracking_uri={mlflow_uri}",
             ],
         )
+        if source == "co3d":  # the one embedded Ray of every stage: stage 3 runs Ray Train on it
+            from mvcustom.configs.common import init_ray
+
+            init_ray(cfg.ray, ray_train=True)
         s = run_preprocess(cfg)
         if not s["complete"]:
             from pipelines.preprocess import failure_report

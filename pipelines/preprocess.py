@@ -340,6 +340,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         "shards_failed": [shardlib.shard_name(cfg.split, i) for i in missing],
         "shards_failed_count": len(missing),
         "items_not_processed": sum(len(specs[i]) for i in missing),
+        "started_at": t0,  # epoch seconds: with phases_s, where a whole program's time went
         "seconds": round(seconds, 2),
         "clips_per_s": round(sum(r["samples"] for r in results) / seconds, 3) if results else 0.0,
         "steady_clips_per_s": _round(steady_rate([(r["done_at"], r["samples"]) for r in results])),

@@ -20,20 +20,23 @@ import csv
 import io
 import string
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import torch
 from PIL import Image
 
 from mvcustom.configs.preprocess import PreprocessConfig, SfmConfig, WebVidInputConfig
 from mvcustom.data.schema import ClipSample, make_key
 from mvcustom.data.storage import read_bytes
-from mvcustom.geometry import Cameras, center_crop_box, rotation_angle_deg
-from mvcustom.geometry.sfm import SfmResult, run_sfm
+from mvcustom.geometry.crop import center_crop_box
 from pipelines.errors import RecordError, TransientError, is_transient
+
+if TYPE_CHECKING:  # torch and pycolmap load only where poses are estimated (decode-only runs skip them)
+    from mvcustom.geometry import Cameras
+    from mvcustom.geometry.sfm import SfmResult
 
 __all__ = [
     "RecordError",
@@ -217,6 +220,8 @@ def crop_resize_frames(
 def camera_motion(cams: Cameras) -> dict:
     """How much the camera moves: max rotation from the first view (deg) and path length
     (scene units, i.e. median first-view depths after normalisation)."""
+    from mvcustom.geometry import rotation_angle_deg
+
     R0 = cams.R[0]
     rot = rotation_angle_deg(cams.R @ R0.T).max()
     path = (cams.centers[1:] - cams.centers[:-1]).norm(dim=-1).sum()
@@ -275,6 +280,11 @@ def build_webvid_clip(item: WebVidItem, cfg: PreprocessConfig) -> ClipSample:
     }
     K = w2c = None
     if cfg.estimate_poses:
+        import torch
+
+        from mvcustom.geometry import Cameras
+        from mvcustom.geometry.sfm import run_sfm
+
         try:
             res = run_sfm(decoded, cfg.sfm)
         except Exception as e:  # pycolmap can raise on degenerate input; it is the clip's failure

@@ -154,3 +154,53 @@ def test_shipped_evaluation_specs_load():
         assert len(rows) == len(spec.subjects) * len(spec.prompts) * len(spec.trajectories) * len(
             spec.seeds
         ) * len(spec.variants)
+
+
+_EMBEDDED_ENV_CHECK = """
+import json, os, sys
+import ray
+from mvcustom.configs.common import EMBEDDED_WORKER_ENV, RayConfig, init_ray
+
+@ray.remote
+def env():
+    return {k: os.environ.get(k) for k in [*EMBEDDED_WORKER_ENV, "RAY_ADDRESS"]}
+
+out = {}
+for ray_train in (False, True):
+    os.environ.pop("RAY_ADDRESS", None)
+    init_ray(RayConfig(num_cpus=1), log_to_driver=False, ray_train=ray_train)
+    out[str(ray_train)] = {"worker": ray.get(env.remote()), "gcs": ray.get_runtime_context().gcs_address}
+    ray.shutdown()
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_embedded_ray_workers_get_the_worker_env_and_ray_train_gets_its_cluster_address():
+    """Workers of an embedded Ray inherit EMBEDDED_WORKER_ENV from the driver (no runtime_env,
+    which would cost a worker start); with ``ray_train`` they also know their own cluster's
+    address (Ray Train's cleaner looks it up; with two local Rays "auto" is ambiguous)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from mvcustom.configs.common import EMBEDDED_WORKER_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in EMBEDDED_WORKER_ENV and k != "RAY_ADDRESS"}
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run(
+        [sys.executable, "-c", _EMBEDDED_ENV_CHECK],
+        cwd=root,
+        env={**env, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, p.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT ") :])
+    for case in out.values():
+        assert {k: case["worker"][k] for k in EMBEDDED_WORKER_ENV} == EMBEDDED_WORKER_ENV
+    assert out["False"]["worker"]["RAY_ADDRESS"] is None
+    assert out["True"]["worker"]["RAY_ADDRESS"] == out["True"]["gcs"]

@@ -213,12 +213,14 @@ def test_flaky_storage_loses_nothing_and_a_persistent_fault_fails_the_job(
 ):
     """Every first open of every input file times out (CSV, annotations, frames, videos): every
     clip arrives once, zero error rows. Then a fault that persists on one sequence: the job
-    exits 1 naming its shard, stores no error row for it, and the rerun completes it."""
+    exits 1 naming its shard, stores no error row for it, and the rerun completes it. (WebVid
+    runs decode-only: storage is what is tested, and pycolmap's RANSAC would make the clip /
+    error split of a borderline clip differ between runs.)"""
     from pipelines.preprocess import preprocess_inline
 
     state = tmp_path / "state"
     state.mkdir()
-    for source, sets in (("co3d", ()), ("webvid", (f"depth.model={tiny_zoedepth}",))):
+    for source, sets in (("co3d", ()), ("webvid", ("estimate_poses=false", "estimate_depth=false"))):
         clean = tmp_path / f"clean-{source}"
         overrides = [f"input={sample_data / source}", f"output={clean}", "samples_per_shard=2", *sets]
         preprocess_inline(
@@ -232,22 +234,14 @@ def test_flaky_storage_loses_nothing_and_a_persistent_fault_fails_the_job(
         got = pq.read_table(out / "manifest.parquet").to_pylist()
         want = pq.read_table(clean / "manifest.parquet").to_pylist()
         errors = pq.read_table(out / "errors.parquet").to_pylist()
+        clean_errors = pq.read_table(clean / "errors.parquet").to_pylist()
         # no injected fault ever became an error row: every row is the sample data's own bad input
         assert not [r for r in errors if "timeout" in r["reason"].lower()], errors
-        # every input is accounted for, once: a clip or an error row (WebVid clips go through
-        # pycolmap, whose RANSAC can register a borderline clip in one run and not the next, so
-        # the clip/error split of WebVid is not compared, only the whole)
-        accounted = sorted([r["source_id"] for r in got] + [r["id"] for r in errors if r["stage"] != "csv"])
-        clean_errors = pq.read_table(clean / "errors.parquet").to_pylist()
-        expected = sorted(
-            [r["source_id"] for r in want] + [r["id"] for r in clean_errors if r["stage"] != "csv"]
+        # exactly the clean run's clips and error rows: every input accounted for, once
+        assert got and sorted(r["key"] for r in got) == sorted(r["key"] for r in want)
+        assert sorted((r["id"], r["stage"]) for r in errors) == sorted(
+            (r["id"], r["stage"]) for r in clean_errors
         )
-        assert accounted == expected and got
-        if source == "co3d":  # deterministic: exactly the clean run's clips and error rows
-            assert sorted(r["key"] for r in got) == sorted(r["key"] for r in want)
-            assert sorted((r["id"], r["stage"]) for r in errors) == sorted(
-                (r["id"], r["stage"]) for r in clean_errors
-            )
     assert len(list(state.iterdir())) > 20  # the faults really fired (one per file opened)
 
     # a persistent fault on one CO3D sequence: its shard fails, the job says so and exits 1

@@ -317,3 +317,20 @@ def test_lateral_trajectory_translates_along_camera_x_only():
     rel = cams.relative_to(0)
     assert torch.allclose(rel.t[:, 1:], torch.zeros(9, 2, dtype=torch.float64), atol=1e-12)
     assert (rel.t[1:, 0] < 0).all()  # the world moves left as the camera trucks right
+
+
+def test_geometry_exports_load_lazily_and_the_crop_needs_no_torch():
+    """Every exported name resolves; the decode-only path's crop box does not import torch."""
+    import subprocess
+    import sys
+
+    import mvcustom.geometry as g
+
+    assert sorted(g.__all__) == sorted(g._MODULE_OF)
+    assert all(callable(getattr(g, name)) for name in g.__all__)
+    code = (
+        "import sys; from mvcustom.geometry.crop import center_crop_box; import pipelines.webvid_records; "
+        "assert center_crop_box(180, 320, 128, 128) == (70, 0, 180, 180); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

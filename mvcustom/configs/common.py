@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 from mvcustom.configs.base import check
@@ -90,11 +91,18 @@ class RayConfig:
         )
 
 
-def init_ray(cfg: RayConfig, log_to_driver: bool = True) -> None:
+def init_ray(cfg: RayConfig, log_to_driver: bool = True, ray_train: bool = False) -> None:
     """Connect to Ray the way every job does: join ``cfg.address`` (a cluster: ``auto`` under
     ``ray job submit``) or start an embedded local Ray with ``cfg.num_cpus`` and the dashboard
     only if asked for, bound to ``cfg.dashboard_host``. A no-op when Ray is already up (tests,
-    the demo's later stages)."""
+    the demo's later stages).
+
+    An embedded Ray's workers inherit :data:`EMBEDDED_WORKER_ENV` from this process's
+    environment (set here where unset), not through a ``runtime_env``: a job-level runtime_env
+    makes the raylet start a new worker for the first task instead of the one it prestarted
+    (measured: +1.1 s before the first clip of a 1-CPU preprocessing job). ``ray_train``
+    (jobs that run Ray Train, and whoever starts the Ray that one will join) installs
+    :func:`setup_embedded_worker` in every worker, which only a runtime_env can do."""
     import ray
 
     if ray.is_initialized():
@@ -102,13 +110,15 @@ def init_ray(cfg: RayConfig, log_to_driver: bool = True) -> None:
     if cfg.address is not None:
         ray.init(address=cfg.address, log_to_driver=log_to_driver)
         return
+    for k, v in EMBEDDED_WORKER_ENV.items():
+        os.environ.setdefault(k, v)
     system = {} if cfg.worker_soft_limit is None else {"num_workers_soft_limit": cfg.worker_soft_limit}
     ray.init(
         num_cpus=cfg.num_cpus,
         include_dashboard=cfg.dashboard,
         dashboard_host=cfg.dashboard_host,
         log_to_driver=log_to_driver,
-        runtime_env=embedded_runtime_env(),
+        runtime_env=RAY_TRAIN_RUNTIME_ENV if ray_train else None,
         _system_config=system,
     )
 
@@ -124,14 +134,9 @@ EMBEDDED_WORKER_ENV = {
     "DIFFUSERS_VERBOSITY": "error",
 }
 
-
-def embedded_runtime_env() -> dict:
-    """The runtime_env of an embedded local Ray: :data:`EMBEDDED_WORKER_ENV`, and
-    :func:`setup_embedded_worker` in every worker."""
-    return {
-        "env_vars": dict(EMBEDDED_WORKER_ENV),
-        "worker_process_setup_hook": "mvcustom.configs.common.setup_embedded_worker",
-    }
+#: The runtime_env of an embedded Ray that Ray Train will run on: :func:`setup_embedded_worker`
+#: in every worker.
+RAY_TRAIN_RUNTIME_ENV = {"worker_process_setup_hook": "mvcustom.configs.common.setup_embedded_worker"}
 
 
 def setup_embedded_worker() -> None:
@@ -150,7 +155,6 @@ def setup_embedded_worker() -> None:
     DeepSpeed calls a torch collective that torch deprecates; that warning is DeepSpeed's to
     fix."""
     import logging
-    import os
     import warnings
 
     import ray

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mvcustom.geometry.crop import center_crop_box
+
 Tensor = torch.Tensor
 
 
@@ -265,18 +267,6 @@ class Cameras:
         """Express all cameras in the frame of camera ``index`` (which becomes the identity)."""
         ref_c2w = self.c2w[index]
         return Cameras(self.w2c @ ref_c2w.unsqueeze(0), self.K, self.image_hw)
-
-
-def center_crop_box(H: int, W: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """``(x0, y0, crop_w, crop_h)`` of the largest centred crop of an ``H x W`` image with the
-    aspect of ``height x width`` (integer pixels)."""
-    if H <= 0 or W <= 0 or height <= 0 or width <= 0:
-        raise ValueError(f"sizes must be positive: image {H}x{W}, target {height}x{width}")
-    if W * height > H * width:  # image is wider than the target: crop columns
-        ch, cw = H, round(H * width / height)
-    else:
-        cw, ch = W, round(W * height / width)
-    return (W - cw) // 2, (H - ch) // 2, cw, ch
 
 
 def rigid_inverse(T: Tensor) -> Tensor:

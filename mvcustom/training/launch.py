@@ -164,7 +164,7 @@ def run_training(cfg) -> dict:
         subjects = check_subject(cfg)
         print(f"[train] stage 2 learns {cfg.subject_token} = {', '.join(subjects)}", flush=True)
     run_id = start_run(cfg, {"mvcustom.subject": ", ".join(subjects)} if subjects else None)
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, ray_train=True)
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
