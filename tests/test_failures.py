@@ -208,9 +208,7 @@ def _job_args(source: str, inp: str, out: Path, *sets: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_flaky_storage_loses_nothing_and_a_persistent_fault_fails_the_job(
-    sample_data, tmp_path, tiny_zoedepth
-):
+def test_flaky_storage_loses_nothing_and_a_persistent_fault_fails_the_job(sample_data, tmp_path):
     """Every first open of every input file times out (CSV, annotations, frames, videos): every
     clip arrives once, zero error rows. Then a fault that persists on one sequence: the job
     exits 1 naming its shard, stores no error row for it, and the rerun completes it. (WebVid

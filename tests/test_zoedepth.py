@@ -56,3 +56,22 @@ def test_preprocess_matches_transformers_processor(hw):
     # postprocess brings a prediction of the padded, resized input back to the source size
     back = postprocess(torch.ones(1, *mine.shape[-2:]), hw, pads)
     assert back.shape == (1, *hw) and torch.allclose(back, torch.ones_like(back), atol=1e-5)
+
+
+def test_the_nyu_kitti_architecture_config_has_the_checkpoints_shape():
+    """The cost benchmark's stand-in for Intel/zoedepth-nyu-kitti: BEiT-L/16 at 384 and the two
+    64-bin metric heads (the checkpoint's config.json, which cannot be downloaded here)."""
+    from mvcustom.models.zoedepth import nyu_kitti_zoedepth_config, tiny_zoedepth_config
+
+    cfg = nyu_kitti_zoedepth_config()
+    b = cfg.backbone_config
+    assert (b.hidden_size, b.num_hidden_layers, b.num_attention_heads, b.image_size) == (1024, 24, 16, 384)
+    assert [(c["name"], c["n_bins"], c["max_depth"]) for c in cfg.bin_configurations] == [
+        ("nyu", 64, 10.0),
+        ("kitti", 64, 80.0),
+    ]
+    assert list(cfg.neck_hidden_sizes) == [256, 512, 1024, 1024] and cfg.fusion_hidden_size == 256
+    assert (cfg.patch_transformer_intermediate_size, cfg.patch_transformer_num_attention_heads) == (1024, 4)
+    tiny = tiny_zoedepth_config()
+    assert [c["name"] for c in tiny.bin_configurations] == ["nyu", "kitti"]
+    assert tiny.num_patch_transformer_layers == cfg.num_patch_transformer_layers == 4

@@ -59,20 +59,39 @@ def tiny_zoedepth_config(two_heads: bool = True):
         attractor_kind="mean",
         initializer_range=0.2,
     )
-    if two_heads:  # transformers hard-codes 4 patch-transformer layers and width 128 for two heads
-        kw.update(
-            bin_configurations=[
-                {"name": "nyu", "n_bins": 8, "min_depth": 1e-3, "max_depth": 10.0},
-                {"name": "kitti", "n_bins": 8, "min_depth": 1e-3, "max_depth": 80.0},
-            ],
-            num_patch_transformer_layers=4,
-            patch_transformer_hidden_size=128,
-            patch_transformer_intermediate_size=32,
-            patch_transformer_num_attention_heads=1,
-        )
+    if two_heads:
+        kw.update(_nyu_kitti_heads(n_bins=8, intermediate_size=32, heads=1))
     else:
         kw.update(bin_configurations=[{"n_bins": 8, "min_depth": 1e-3, "max_depth": 10.0}])
     return ZoeDepthConfig(**kw)
+
+
+def _nyu_kitti_heads(n_bins: int, intermediate_size: int, heads: int) -> dict:
+    """The NYU (10 m) and KITTI (80 m) metric heads and the patch transformer that chooses
+    between them (transformers hard-codes 4 layers and width 128 for two heads)."""
+    return dict(
+        bin_configurations=[
+            {"name": "nyu", "n_bins": n_bins, "min_depth": 1e-3, "max_depth": 10.0},
+            {"name": "kitti", "n_bins": n_bins, "min_depth": 1e-3, "max_depth": 80.0},
+        ],
+        num_patch_transformer_layers=4,
+        patch_transformer_hidden_size=128,
+        patch_transformer_intermediate_size=intermediate_size,
+        patch_transformer_num_attention_heads=heads,
+    )
+
+
+def nyu_kitti_zoedepth_config():
+    """``Intel/zoedepth-nyu-kitti``'s architecture, for random-weight cost measurements where the
+    checkpoint cannot be downloaded (the settings of transformers' conversion script for ZoeD_NK):
+    transformers' default BEiT-L/16 backbone at 384, the DPT-Large neck [256, 512, 1024, 1024],
+    and the two 64-bin heads chosen by a 4-head patch transformer."""
+    from transformers import ZoeDepthConfig
+
+    return ZoeDepthConfig(
+        neck_hidden_sizes=[256, 512, 1024, 1024],
+        **_nyu_kitti_heads(n_bins=64, intermediate_size=1024, heads=4),
+    )
 
 
 def save_tiny_zoedepth(path: str, seed: int = 0) -> str:
