@@ -49,6 +49,11 @@ def test_a_checkpoint_counts_only_when_every_rank_arrived(tmp_path):
     assert latest_checkpoint(str(tmp_path)) is None
     (older / "zero" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x" * 100)
     assert latest_checkpoint(str(tmp_path)) == str(older)
+    for torn in ("", '{"rank": 1, "fi'):  # a rank manifest caught mid-copy (CI saw an empty one)
+        (older / RANK_MANIFEST.format(rank=1)).write_text(torn)
+        marker, why = checkpoint_complete(fs, str(older))
+        assert marker is None and "rank 1's manifest" in why and "incomplete" in why
+        assert latest_checkpoint(str(tmp_path)) is None
     (older / RANK_MANIFEST.format(rank=1)).unlink()
     assert "never arrived" in checkpoint_complete(fs, str(older))[1]
 

@@ -50,8 +50,14 @@ def checkpoint_complete(fs, folder: str) -> tuple[dict | None, str]:
         name = RANK_MANIFEST.format(rank=rank)
         if name not in sizes:
             return None, f"step {step}: rank {rank}'s files never arrived ({name} missing)"
-        with fs.open(f"{folder}/{name}") as f:
-            listed = json.load(f)["files"]
+        try:  # listed but still being copied (empty or cut short) is not whole yet
+            with fs.open(f"{folder}/{name}") as f:
+                listed = dict(json.load(f)["files"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return (
+                None,
+                f"step {step}: rank {rank}'s manifest {name} is incomplete (still being copied, or torn)",
+            )
         for rel, size in listed.items():
             if sizes.get(rel) != size:
                 return None, f"step {step}: rank {rank}'s {rel} is missing or incomplete"
