@@ -269,12 +269,14 @@ def v2d_config() -> dict:
 # --- inputs ------------------------------------------------------------------------------------
 
 
-def make_clips(data: Path, n: int, unique: int) -> tuple[list[dict], float]:
+def make_clips(data: Path, n: int, unique: int) -> tuple[list[dict], Path, float]:
     """Generate (or reuse) ``min(n, unique)`` clips and list ``n``: beyond the generated ones,
     rows are replicas (a new videoid, its video a symlink to a generated clip; decoding costs
-    the same, and rendering costs ~10 s a clip). Returns the CSV rows and the generation time."""
+    the same, and rendering costs ~10 s a clip). Returns the CSV rows, the ``videos`` folder
+    they live in and the generation time."""
     from mvcustom.configs import SampleDataConfig, from_dict
     from mvcustom.data.generator import generate_sample_data
+    from mvcustom.data.generator.webvid_writer import replicate_webvid
 
     spec = {"num_videos": min(n, unique), **CLIP_SPEC}
     index = data / "ground_truth" / "index.json"
@@ -286,35 +288,24 @@ def make_clips(data: Path, n: int, unique: int) -> tuple[list[dict], float]:
         cfg = from_dict(SampleDataConfig, {"write_co3d": False, "webvid": spec}, "peer_video2dataset")
         generate_sample_data(str(data), cfg)
     gen_s = time.perf_counter() - t
-    (csv_path,) = glob.glob(str(data / "webvid" / "results_*.csv"))
-    with open(csv_path, newline="", encoding="utf8") as f:
-        rows = list(csv.DictReader(f))
-    if len(rows) != spec["num_videos"]:
-        raise RuntimeError(f"{csv_path} has {len(rows)} rows, expected {spec['num_videos']}")
-    videos = data / "webvid" / "videos"
-    unique = len(rows)
-    for i in range(unique, n):
-        src = rows[i % unique]
-        row = {**src, "videoid": f"{src['videoid']}r{i // unique}"}
-        link = videos / row["page_dir"] / f"{row['videoid']}.mp4"
-        if not link.exists():
-            os.symlink(videos / src["page_dir"] / f"{src['videoid']}.mp4", link)
-        rows.append(row)
-    return rows, gen_s
+    listed = data / f"webvid-{n}"
+    shutil.rmtree(listed, ignore_errors=True)
+    rows = replicate_webvid(str(data / "webvid"), str(listed), n)
+    return rows, listed / "videos", gen_s
 
 
-def make_inputs(root: Path, data: Path, rows: list[dict], n: int) -> dict:
+def make_inputs(root: Path, videos: Path, rows: list[dict], n: int) -> dict:
     """The first ``n`` clips as a WebVid root for ours (CSV + ``videos`` linked to the generated
     ones) and as a CSV of local paths for video2dataset."""
     base = root / "inputs" / str(n)
     shutil.rmtree(base, ignore_errors=True)
     (base / "webvid").mkdir(parents=True)
-    os.symlink(data / "webvid" / "videos", base / "webvid" / "videos")
+    os.symlink(videos, base / "webvid" / "videos")
     with open(base / "webvid" / "results_2M_train.csv", "w", newline="", encoding="utf8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows[:n])
-    paths = [str(data / "webvid" / "videos" / r["page_dir"] / f"{r['videoid']}.mp4") for r in rows[:n]]
+    paths = [str(videos / r["page_dir"] / f"{r['videoid']}.mp4") for r in rows[:n]]
     with open(base / "v2d.csv", "w", newline="", encoding="utf8") as f:
         w = csv.writer(f)
         w.writerow(["url", "caption", "videoid", "page_dir", "duration"])
@@ -636,8 +627,8 @@ def main() -> None:
     v2d = ensure_v2d_venv(Path(args.v2d_venv).resolve())
     root = Path(args.out or tempfile.mkdtemp(prefix="bench-peer-v2d-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    rows, gen_s = make_clips(root / "data", sizes[-1], args.unique_clips)
-    inputs = {n: make_inputs(root, root / "data", rows, n) for n in sizes}
+    rows, videos, gen_s = make_clips(root / "data", sizes[-1], args.unique_clips)
+    inputs = {n: make_inputs(root, videos, rows, n) for n in sizes}
 
     runners = {
         "v2d": lambda n, d: run_v2d(v2d, inputs[n], d, args.core),

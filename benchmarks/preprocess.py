@@ -187,34 +187,11 @@ def _measure(mode: str, cpus: int, cfg_dict: dict) -> dict:
 def _webvid_root(root: str, n: int) -> str:
     """A WebVid root listing ``n`` clips: the generated ones, then replicas of them (a new
     videoid, the video a symlink: the same decoding work, without rendering more)."""
-    import csv
-    import glob
+    from mvcustom.data.generator.webvid_writer import replicate_webvid
 
     base = f"{root}/data/webvid-{n}"
-    if os.path.exists(base):
-        return base
-    src = f"{root}/data/webvid"
-    (csv_path,) = glob.glob(f"{src}/results_*.csv")
-    with open(csv_path, newline="", encoding="utf8") as f:
-        rows = list(csv.DictReader(f))
-    unique = len(rows)
-    os.makedirs(f"{base}/videos")
-    out = []
-    for i in range(n):
-        r = dict(rows[i % unique])
-        if i >= unique:
-            r["videoid"] = f"{r['videoid']}r{i // unique}"
-        os.makedirs(f"{base}/videos/{r['page_dir']}", exist_ok=True)
-        orig = rows[i % unique]
-        os.symlink(
-            f"{src}/videos/{orig['page_dir']}/{orig['videoid']}.mp4",
-            f"{base}/videos/{r['page_dir']}/{r['videoid']}.mp4",
-        )
-        out.append(r)
-    with open(f"{base}/{os.path.basename(csv_path)}", "w", newline="", encoding="utf8") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(out)
+    if not os.path.exists(base):
+        replicate_webvid(f"{root}/data/webvid", base, n)
     return base
 
 

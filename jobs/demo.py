@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     zoe = save_tiny_zoedepth(f"{out}/models/tiny-zoedepth")
     mlflow_uri = f"sqlite:///{out}/mlflow.db"
     summaries = {}
-    for source in ("co3d", "webvid"):
-        cfg = load_config(
+    cfgs = {
+        source: load_config(
             PreprocessConfig,
             CONFIGS / f"preprocess_{source}_debug.yaml",
             [
@@ -81,10 +81,12 @@ def main(argv: list[str] | None = None) -> dict:
                 f"mlflow.tracking_uri={mlflow_uri}",
             ],
         )
-        if source == "co3d":  # the one embedded Ray of every stage: stage 3 runs Ray Train on it
-            from mvcustom.configs.common import init_ray
+        for source in ("co3d", "webvid")
+    }
+    from mvcustom.configs.common import init_ray
 
-            init_ray(cfg.ray, ray_train=True)
+    init_ray(cfgs["co3d"].ray, ray_train=True)  # the one embedded Ray of every stage (stage 3: Ray Train)
+    for source, cfg in cfgs.items():
         s = run_preprocess(cfg)
         if not s["complete"]:
             from pipelines.preprocess import failure_report

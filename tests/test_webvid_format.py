@@ -65,3 +65,36 @@ def test_make_sample_data_job_is_deterministic(tmp_path, capsys):
 
         assert gzip.decompress(p.read_bytes()) == gzip.decompress(q.read_bytes())
     assert '"co3d_sequences": 4' in capsys.readouterr().out
+
+
+def test_replicate_webvid_lists_more_clips_than_rendered(sample_data, tmp_path):
+    """Benchmarks' scaled WebVid roots: the generated rows in order, then replicas with new ids
+    whose videos are the originals' bytes; the reader's layout holds for every row."""
+    from mvcustom.data.generator.webvid_writer import replicate_webvid
+
+    src = sample_data / "webvid"
+    dst = tmp_path / "webvid-5"
+    rows = replicate_webvid(str(src), str(dst), 5)
+    with open(dst / "results_2M_train.csv", newline="", encoding="utf8") as f:
+        listed = list(csv.DictReader(f))
+    assert listed == rows and len(rows) == 5
+    with open(src / "results_2M_train.csv", newline="", encoding="utf8") as f:
+        orig = list(csv.DictReader(f))
+    assert rows[:2] == orig
+    assert [r["videoid"] for r in rows[2:]] == [
+        f"{orig[0]['videoid']}r1",
+        f"{orig[1]['videoid']}r1",
+        f"{orig[0]['videoid']}r2",
+    ]
+    assert len({r["videoid"] for r in rows}) == 5
+    for i, r in enumerate(rows):
+        o = orig[i % 2]
+        assert r["name"] == o["name"] and r["page_dir"] == o["page_dir"]
+        video = dst / "videos" / r["page_dir"] / f"{r['videoid']}.mp4"
+        assert video.read_bytes() == (src / "videos" / o["page_dir"] / f"{o['videoid']}.mp4").read_bytes()
+    with pytest.raises(FileExistsError):
+        replicate_webvid(str(src), str(dst), 3)
+    with pytest.raises(FileNotFoundError, match="results_"):
+        replicate_webvid(str(tmp_path), str(tmp_path / "x"), 3)
+    with pytest.raises(ValueError, match="n >= 1"):
+        replicate_webvid(str(src), str(tmp_path / "y"), 0)

@@ -26,30 +26,12 @@ _EXPORTS = {
     "trajectories": ["make_trajectory"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = [  # spelled out for linters and type checkers; a test checks it against _EXPORTS
-    "Cameras",
-    "align_cameras",
-    "cameras_from_co3d_viewpoints",
-    "cameras_from_pycolmap",
-    "cameras_from_pytorch3d",
-    "cameras_to_pytorch3d",
-    "center_crop_box",
-    "format_realestate10k",
-    "intrinsics_matrix",
-    "look_at",
-    "make_trajectory",
-    "parse_realestate10k",
-    "plucker_embedding",
-    "relative_pose_errors",
-    "rigid_inverse",
-    "rotation_angle_deg",
-    "umeyama",
-]
+__all__ = sorted(_MODULE_OF)  # the TYPE_CHECKING imports name the same; a test checks it
 
-if TYPE_CHECKING:
-    from mvcustom.geometry.align import align_cameras, relative_pose_errors, rotation_angle_deg, umeyama
-    from mvcustom.geometry.camera import Cameras, intrinsics_matrix, look_at, rigid_inverse
-    from mvcustom.geometry.conventions import (
+if TYPE_CHECKING:  # the lazy names, for type checkers (re-exported: __all__ comes from _EXPORTS)
+    from mvcustom.geometry.align import align_cameras, relative_pose_errors, rotation_angle_deg, umeyama  # noqa: F401
+    from mvcustom.geometry.camera import Cameras, intrinsics_matrix, look_at, rigid_inverse  # noqa: F401
+    from mvcustom.geometry.conventions import (  # noqa: F401
         cameras_from_co3d_viewpoints,
         cameras_from_pycolmap,
         cameras_from_pytorch3d,
@@ -57,9 +39,9 @@ if TYPE_CHECKING:
         format_realestate10k,
         parse_realestate10k,
     )
-    from mvcustom.geometry.crop import center_crop_box
-    from mvcustom.geometry.plucker import plucker_embedding
-    from mvcustom.geometry.trajectories import make_trajectory
+    from mvcustom.geometry.crop import center_crop_box  # noqa: F401
+    from mvcustom.geometry.plucker import plucker_embedding  # noqa: F401
+    from mvcustom.geometry.trajectories import make_trajectory  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -168,3 +168,39 @@ def write_webvid(out: str, cfg: WebVidSampleConfig, seed: int, gt_out: str) -> d
         w.writeheader()
         w.writerows(rows)
     return {"videos": index, "csv": f"results_2M_{cfg.split}.csv"}
+
+
+def replicate_webvid(src: str, dst: str, n: int) -> list[dict]:
+    """A WebVid tree at ``dst`` listing ``n`` clips: ``src``'s rows in order, then replicas of
+    them (a new ``videoid`` ``<id>r<k>``, the video a symlink to the original), so benchmarks
+    list more clips than were rendered for the same decoding work per clip (rendering costs
+    ~10 s a clip). Local paths only (the videos are symlinks). ``dst`` must not exist yet.
+    Returns the rows written to ``dst``'s CSV, which keeps ``src``'s file name."""
+    import glob
+    import os
+
+    if n < 1:
+        raise ValueError(f"replicate_webvid needs n >= 1 clips, got {n}")
+    csvs = glob.glob(os.path.join(src, "results_*.csv"))
+    if len(csvs) != 1:
+        raise FileNotFoundError(f"{src} must hold one WebVid CSV (results_*.csv); found {csvs or 'none'}")
+    with open(csvs[0], newline="", encoding="utf8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{csvs[0]} lists no clips to replicate")
+    os.makedirs(os.path.join(dst, "videos"))  # FileExistsError names a dst already there
+    out = []
+    for i in range(n):
+        orig = rows[i % len(rows)]
+        row = dict(orig) if i < len(rows) else {**orig, "videoid": f"{orig['videoid']}r{i // len(rows)}"}
+        os.makedirs(os.path.join(dst, "videos", row["page_dir"]), exist_ok=True)
+        os.symlink(
+            os.path.abspath(os.path.join(src, "videos", orig["page_dir"], f"{orig['videoid']}.mp4")),
+            os.path.join(dst, "videos", row["page_dir"], f"{row['videoid']}.mp4"),
+        )
+        out.append(row)
+    with open(os.path.join(dst, os.path.basename(csvs[0])), "w", newline="", encoding="utf8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(out)
+    return out
