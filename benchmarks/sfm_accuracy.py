@@ -4,16 +4,19 @@
 
 Renders clips of every camera motion (orbit, arc, dolly, truck, static), decodes them as the
 pipeline does and runs :func:`mvcustom.geometry.sfm.run_sfm` (unknown shared focal, one thread)
-in two configurations, interleaved clip by clip so that drifts of the machine's speed hit both
-alike: ``colmap_defaults`` (COLMAP's SIFT settings: first octave -1, 8192 features; what
-``run_sfm`` used before) and ``ours`` (the :class:`SfmConfig` defaults). Per clip and
+in three configurations, interleaved clip by clip so that drifts of the machine's speed hit
+all alike: ``colmap_defaults`` (COLMAP's SIFT settings: first octave -1, 8192 features, every
+frame in the reconstruction; what ``run_sfm`` did first), ``every_frame`` (our feature settings,
+every frame in the reconstruction: ``sfm.keyframe_stride=1``) and ``ours`` (the
+:class:`SfmConfig` defaults: a keyframe map, the frames between placed by PnP). Per clip and
 configuration: registered frames, seconds, median/max relative rotation error (deg), median
 relative translation-direction error (deg), camera-centre error after Umeyama similarity
 alignment (as a fraction of the trajectory length) and focal-length error, beside the
 pose-quality figure (``score``) and the other diagnostics, with Spearman's rank correlation of
 each against the true errors and the clips ``sfm.min_quality`` flags per motion. Failures are
 reported, not hidden. ``--extra-frames K`` runs SfM on K more frames than are scored
-(``sfm.extra_frames``). The summary gives both side by side and the speed-up.
+(``sfm.extra_frames``). The summary gives them side by side and each one's speed-up over ``colmap_defaults``
+(timings are machine-dependent: compare the ratios).
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from mvcustom.geometry.sfm import run_sfm
 from pipelines.webvid_records import decode_frames, judge_pose_quality
 
 CONFIGS = {
-    "colmap_defaults": {"first_octave": -1, "max_num_features": 8192},
+    "colmap_defaults": {"first_octave": -1, "max_num_features": 8192, "keyframe_stride": 1},
+    "every_frame": {"keyframe_stride": 1},
     "ours": {},
 }
 
@@ -167,14 +171,18 @@ def main() -> None:
                 rows[name].append(row)
                 print(json.dumps(row), flush=True)
     summary = {name: summarise(r) for name, r in rows.items()}
-    summary["speedup"] = round(
-        summary["colmap_defaults"]["mean_seconds_per_clip"] / summary["ours"]["mean_seconds_per_clip"], 2
-    )
+    base = summary["colmap_defaults"]["mean_seconds_per_clip"]
+    summary["speedup_vs_colmap_defaults"] = {
+        name: round(base / summary[name]["mean_seconds_per_clip"], 2)
+        for name in CONFIGS
+        if name != "colmap_defaults"
+    }
     summary["clip"] = (
         f"{args.frames} frames (SfM on {args.frames} + up to {args.extra_frames} more), "
         f"{args.width}x{args.height}, {args.fps} fps, one thread"
     )
-    summary["target_seconds_per_clip"] = 1.2
+    # the issue's target, 1.2 s on the machine where colmap_defaults took 3.9 s: >= 3.25x
+    summary["target_speedup_vs_colmap_defaults"] = round(3.9 / 1.2, 2)
     print(json.dumps(summary, indent=1))
 
 

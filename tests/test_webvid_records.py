@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import shutil
 
 import numpy as np
@@ -122,6 +123,50 @@ def test_sfm_poses_match_ground_truth_after_alignment(sample_data):
     q = clip.meta["pose_quality"]
     assert q["rotation_span_deg"] == pytest.approx(_rotation_span_deg(true), rel=0.05)
     assert _rotation_span_deg(true) > 5 and 0 < q["triangulation_angle_deg"] < 90
+
+
+def test_keyframe_map_places_the_frames_between_by_pnp(sample_data):
+    """sfm.keyframe_stride 2 on the arc clip: the reconstruction sees every other frame and the
+    last; each frame between is placed against its map by absolute pose (not interpolated),
+    and those placed frames match the renderer's cameras as the keyframes do."""
+    from mvcustom.geometry.sfm import keyframe_positions, run_sfm
+
+    item = list_webvid_items(str(sample_data / "webvid"), WebVidInputConfig(target_fps=None))[0][0]
+    frames, _, idx = decode_frames(item.video, 12, None)
+    gt = np.load(sample_data / "ground_truth" / "webvid" / f"{item.id}.npz")
+    true = Cameras(torch.from_numpy(gt["w2c"][idx]), torch.from_numpy(gt["K"][idx]), (96, 160))
+    cfg = from_dict(PreprocessConfig, {"preset": "debug", "sfm": {"overlap": 4}}, "test").sfm
+    assert cfg.keyframe_stride == 2
+    res = run_sfm(frames, cfg)
+    assert res.ok, res.reason
+    assert res.keyframes == keyframe_positions(12, 2) == [0, 2, 4, 6, 8, 10, 11]
+    assert res.registered_frames == list(range(12)) and res.interpolated == []
+    between = [i for i in range(12) if i not in res.keyframes]
+    for subset in (res.keyframes, between):
+        err = relative_pose_errors(res.cameras[subset], true[subset])
+        assert err["rotation_deg"].median() < 1.0, (subset, err["rotation_deg"])
+        assert np.nanmedian(err["translation_deg"].numpy()) < 10, (subset, err["translation_deg"])
+    assert abs(float(res.cameras.K[0, 0, 0] / true.K[0, 0, 0]) - 1) < 0.1
+    every = run_sfm(frames, dataclasses.replace(cfg, keyframe_stride=1))
+    assert every.keyframes == list(range(12)) and every.registered == 12
+    # fewer keyframes, fewer images in the map's bundle adjustment
+    assert res.num_points < every.num_points
+
+
+def test_match_descriptors_follows_colmap_rules():
+    """Mutual nearest neighbours under the ratio test: a noisy, shuffled copy is matched back;
+    a descriptor with two equally close candidates is left unmatched."""
+    from mvcustom.geometry.sfm import _unit_rows, match_descriptors
+
+    g = np.random.default_rng(0)
+    d1 = _unit_rows(g.random((200, 128)) ** 4)
+    perm = g.permutation(200)
+    d2 = _unit_rows(d1[perm] + 0.003 * g.standard_normal((200, 128)))
+    i, j = match_descriptors(d1, d2)
+    assert len(i) > 180 and (perm[j] == i).all()
+    twins = np.vstack([d1[:1], d1[:1]])  # two identical candidates: the ratio test rejects
+    assert len(match_descriptors(d1[:1].repeat(2, 0), twins)[0]) == 0
+    assert len(match_descriptors(d1[:1], d2)[0]) == 0  # fewer than two descriptors: nothing
 
 
 def test_pose_quality_figure_predicts_the_error_and_flags_ill_posed_clips(sample_data):

@@ -62,6 +62,9 @@ class SfmResult:
             true focal fixed), so the figure is kept beside ``score`` as a second flag. Those
             wrong reconstructions turn part of the forward motion sideways (0.52 where the true
             path has ~1), still well above orbits (0.18), arcs (0.06) and tracks (0.01).
+        keyframes: the frame positions the reconstruction was built from
+            (``sfm.keyframe_stride``); the others in ``registered_frames`` were placed against
+            its map by absolute pose (PnP), the rest are ``interpolated``.
     """
 
     cameras: Cameras | None
@@ -78,6 +81,7 @@ class SfmResult:
     focal_rel_std: float | None = None
     focal_fixed: bool = False
     forward_motion: float | None = None
+    keyframes: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -208,14 +212,30 @@ def quiet_colmap() -> None:
     pycolmap.logging.stderrthreshold = 3
 
 
-def _extract_and_match(frames, img_dir: Path, db: Path, cfg: SfmConfig, K, one_size: bool) -> list[str]:
-    """Write the frames as images, extract SIFT features into a COLMAP database and match them
-    (``cfg.matcher``; COLMAP's geometric verification stores each pair's two-view geometry).
-    Returns the image names, in frame order."""
+def _frame_name(position: int) -> str:
+    return f"{position:05d}.png"
+
+
+def _extraction_options(cfg: SfmConfig):
+    import pycolmap
+
+    extraction = pycolmap.FeatureExtractionOptions()
+    extraction.num_threads = cfg.num_threads
+    extraction.sift.first_octave = cfg.first_octave
+    extraction.sift.max_num_features = cfg.max_num_features
+    return extraction
+
+
+def _extract_and_match(
+    frames, positions, img_dir: Path, db: Path, cfg: SfmConfig, K, one_size: bool
+) -> list[str]:
+    """Write the frames (at ``positions`` of the clip) as images, extract SIFT features into a
+    COLMAP database and match them (``cfg.matcher``; COLMAP's geometric verification stores
+    each pair's two-view geometry). Returns the image names, in frame order."""
     import pycolmap
 
     img_dir.mkdir()
-    names = [f"{i:05d}.png" for i in range(len(frames))]
+    names = [_frame_name(i) for i in positions]
     for name, fr in zip(names, frames, strict=True):
         Image.fromarray(fr).save(img_dir / name, compress_level=1)  # lossless either way; 3x faster to write
     reader = pycolmap.ImageReaderOptions()
@@ -224,10 +244,7 @@ def _extract_and_match(frames, img_dir: Path, db: Path, cfg: SfmConfig, K, one_s
     else:
         reader.camera_model = "PINHOLE"
         reader.camera_params = ",".join(str(float(v)) for v in (K[0, 0], K[1, 1], K[0, 2], K[1, 2]))
-    extraction = pycolmap.FeatureExtractionOptions()
-    extraction.num_threads = cfg.num_threads
-    extraction.sift.first_octave = cfg.first_octave
-    extraction.sift.max_num_features = cfg.max_num_features
+    extraction = _extraction_options(cfg)
     cpu = pycolmap.Device.cpu
     pycolmap.extract_features(
         db,
@@ -260,7 +277,7 @@ def pairwise_homographies(
     quiet_colmap()
     with tempfile.TemporaryDirectory(dir=workdir) as d:
         img_dir, db = Path(d) / "images", Path(d) / "database.db"
-        names = _extract_and_match(frames, img_dir, db, cfg, None, True)
+        names = _extract_and_match(frames, range(len(frames)), img_dir, db, cfg, None, True)
         database = pycolmap.Database.open(db)
         try:
             ids = {im.name: im.image_id for im in database.read_all_images()}
@@ -280,6 +297,105 @@ def pairwise_homographies(
         finally:
             database.close()
     return out
+
+
+def keyframe_positions(n: int, stride: int) -> list[int]:
+    """The frames a clip's reconstruction is built from: every ``stride``-th one and the last,
+    so that no frame lies beyond the map (``stride`` 1: all of them)."""
+    return sorted(set(range(0, n, max(stride, 1))) | {n - 1})
+
+
+def _unit_rows(d: np.ndarray) -> np.ndarray:
+    d = np.asarray(d, dtype=np.float32)
+    return d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+
+
+def match_descriptors(
+    d1: np.ndarray, d2: np.ndarray, max_ratio: float = 0.8, max_distance: float = 0.7
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mutual nearest neighbours of two sets of unit SIFT descriptors under COLMAP's matching
+    rules (its ``SiftMatchingOptions`` defaults): the angle to the best match below
+    ``max_distance`` radians and below ``max_ratio`` times the angle to the second best, and
+    each the other's best (cross check). Returns the indices into ``d1`` and ``d2``."""
+    if len(d1) < 2 or len(d2) < 2:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    angle = np.arccos(np.clip(d1 @ d2.T, -1.0, 1.0))
+    two = np.argpartition(angle, 1, axis=1)[:, :2]
+    rows = np.arange(len(d1))
+    a, b = angle[rows, two[:, 0]], angle[rows, two[:, 1]]
+    best = np.where(a <= b, two[:, 0], two[:, 1])
+    first, second = np.minimum(a, b), np.maximum(a, b)
+    i = np.nonzero((first < max_distance) & (first < max_ratio * second))[0]
+    j = best[i]
+    mutual = angle[:, j].argmin(0) == i
+    return i[mutual], j[mutual]
+
+
+def _register_by_pnp(rec, db: Path, frames, todo: list[int], cfg: SfmConfig) -> dict[int, np.ndarray]:
+    """Poses of the frames at ``todo`` from the keyframe map ``rec``: SIFT features (as the
+    keyframes', from the frames in memory), matched against the 3D-point features of the nearest registered keyframe on
+    each side, then COLMAP's LO-RANSAC absolute pose with non-linear refinement (camera and
+    thresholds as its mapper's: the map's shared camera held fixed, >= 30 inliers, >= 25 % of
+    the correspondences). Returns ``{position: 3x4 cam_from_world}`` for the frames placed."""
+    import pycolmap
+
+    database = pycolmap.Database.open(db)
+    try:
+        by_name = {im.name: im.image_id for im in database.read_all_images()}
+        keyframes = {}
+        for name, image_id in by_name.items():
+            if image_id not in rec.images or not rec.images[image_id].has_pose:
+                continue
+            points = rec.images[image_id].points2D
+            ids = np.array([p.point3D_id if p.has_point3D() else -1 for p in points], dtype=np.int64)
+            desc = database.read_descriptors(image_id)
+            desc = _unit_rows(desc.data)
+            keyframes[int(name.split(".")[0])] = (desc[ids >= 0], ids[ids >= 0])
+    finally:
+        database.close()
+    if not keyframes:
+        return {}
+    camera = rec.cameras[next(iter(rec.images.values())).camera_id]
+    # COLMAP's own extractor and grey conversion: the same features as pycolmap.extract_features
+    # gives the keyframes from their images (identical descriptors), without the image files
+    extractor = pycolmap.FeatureExtractor.create(_extraction_options(cfg), pycolmap.Device.cpu)
+    mapper = pycolmap.IncrementalMapperOptions()
+    estimation = pycolmap.AbsolutePoseEstimationOptions()
+    estimation.ransac.max_error = mapper.abs_pose_max_error
+    placed = {}
+    for i in todo:
+        found, desc = extractor.extract(
+            pycolmap.Bitmap.from_array(np.ascontiguousarray(frames[i])).clone_as_grey()
+        )
+        keypoints = np.array([(p.x, p.y) for p in found], dtype=np.float64).reshape(-1, 2)
+        desc = _unit_rows(desc.data)
+        sides = (
+            max((k for k in keyframes if k < i), default=None),
+            min((k for k in keyframes if k > i), default=None),
+        )
+        xy, xyz, seen = [], [], set()
+        for k in sides:
+            if k is None:
+                continue
+            kdesc, kids = keyframes[k]
+            for a, b in zip(*match_descriptors(desc, kdesc), strict=True):
+                point_id = int(kids[b])
+                if point_id not in seen:
+                    seen.add(point_id)
+                    xy.append(keypoints[a])
+                    xyz.append(rec.points3D[point_id].xyz)
+        if len(xy) < mapper.abs_pose_min_num_inliers:
+            continue
+        found = pycolmap.estimate_and_refine_absolute_pose(
+            np.asarray(xy, dtype=np.float64), np.asarray(xyz, dtype=np.float64), camera, estimation
+        )
+        if found is None:
+            continue
+        inliers = int(found["num_inliers"])
+        if inliers < mapper.abs_pose_min_num_inliers or inliers < mapper.abs_pose_min_inlier_ratio * len(xy):
+            continue
+        placed[i] = np.asarray(found["cam_from_world"].matrix(), dtype=np.float64)
+    return placed
 
 
 def run_sfm(
@@ -312,9 +428,14 @@ def run_sfm(
             raise ValueError(f"intrinsics must be one (3, 3) K shared by the frames, got {tuple(K.shape)}")
         if not one_size:
             raise ValueError("shared intrinsics need frames of one size; these differ in size")
+    keys = (
+        keyframe_positions(n, cfg.keyframe_stride)
+        if cfg.matcher == "sequential" and one_size
+        else list(range(n))
+    )
     with tempfile.TemporaryDirectory(dir=workdir) as d:
         img_dir, db = Path(d) / "images", Path(d) / "database.db"
-        names = _extract_and_match(frames, img_dir, db, cfg, K, one_size)
+        names = _extract_and_match([frames[i] for i in keys], keys, img_dir, db, cfg, K, one_size)
         out = Path(d) / "sparse"
         out.mkdir()
         if cfg.mapper == "incremental":
@@ -328,14 +449,34 @@ def run_sfm(
             recs = pycolmap.incremental_mapping(db, img_dir, out, options=opts)
         else:
             recs = pycolmap.global_mapping(db, img_dir, out)
-    if not recs:
+        rec = max(recs.values(), key=lambda r: r.num_reg_images()) if recs else None
+        placed = {}
+        if rec is not None and len(keys) < n:  # the frames between keyframes, against the map
+            placed = _register_by_pnp(rec, db, frames, sorted(set(range(n)) - set(keys)), cfg)
+    if rec is None:
         return SfmResult(
-            None, 0, n, reason="no reconstruction (too little parallax or texture to initialise)"
+            None,
+            0,
+            n,
+            reason="no reconstruction (too little parallax or texture to initialise)",
+            keyframes=keys,
         )
-    rec = max(recs.values(), key=lambda r: r.num_reg_images())
-    cams, got = cameras_from_pycolmap(rec, names)
-    registered = len(got)
-    positions = [names.index(g) for g in got]
+    key_cams, got = cameras_from_pycolmap(rec, names)
+    on_map = {int(g.split(".")[0]): key_cams.w2c[k] for k, g in enumerate(got)}
+    for i, m in placed.items():
+        w2c = torch.eye(4, dtype=torch.float64)
+        w2c[:3, :4] = torch.from_numpy(m)
+        on_map[i] = w2c
+    positions = sorted(on_map)
+    registered = len(positions)
+    if placed:  # one shared camera (frames of one size): the map's K for every frame
+        cams = Cameras(
+            torch.stack([on_map[i] for i in positions]),
+            key_cams.K[:1].repeat(registered, 1, 1),
+            key_cams.image_hw[:1].repeat(registered, 1),
+        )
+    else:  # the reconstruction's own cameras (per image for photos), already in frame order
+        cams = key_cams
     result = SfmResult(
         None,
         registered,
@@ -348,7 +489,14 @@ def run_sfm(
         focal_rel_std=None if K is not None else _focal_rel_std(rec),
         focal_fixed=K is not None,
         forward_motion=_forward_motion(cams),
+        keyframes=keys,
     )
+    if len(got) / len(keys) < cfg.min_registered_fraction:
+        result.reason = (
+            f"registered {len(got)}/{len(keys)} keyframes, below sfm.min_registered_fraction="
+            f"{cfg.min_registered_fraction}"
+        )
+        return result
     if registered / n < cfg.min_registered_fraction:
         result.reason = f"registered {registered}/{n} frames, below sfm.min_registered_fraction={cfg.min_registered_fraction}"
         return result
