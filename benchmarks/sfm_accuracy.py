@@ -6,9 +6,10 @@ Renders clips of every camera motion (orbit, arc, dolly, truck, static), decodes
 pipeline does and runs :func:`mvcustom.geometry.sfm.run_sfm` (unknown shared focal, one thread)
 in three configurations, interleaved clip by clip so that drifts of the machine's speed hit
 all alike: ``colmap_defaults`` (COLMAP's SIFT settings: first octave -1, 8192 features, every
-frame in the reconstruction; what ``run_sfm`` did first), ``every_frame`` (our feature settings,
-every frame in the reconstruction: ``sfm.keyframe_stride=1``) and ``ours`` (the
-:class:`SfmConfig` defaults: a keyframe map, the frames between placed by PnP). Per clip and
+frame in the reconstruction, full size; what ``run_sfm`` did first), ``every_frame`` (our
+feature settings, every frame in the reconstruction at full size: ``sfm.keyframe_stride=1``,
+``sfm.max_image_size=null``) and ``ours`` (the :class:`SfmConfig` defaults: frames capped at
+384 pixels, a keyframe map, the frames between placed by PnP). Per clip and
 configuration: registered frames, seconds, median/max relative rotation error (deg), median
 relative translation-direction error (deg), camera-centre error after Umeyama similarity
 alignment (as a fraction of the trajectory length) and focal-length error, beside the
@@ -37,8 +38,13 @@ from mvcustom.geometry.sfm import run_sfm
 from pipelines.webvid_records import decode_frames, judge_pose_quality
 
 CONFIGS = {
-    "colmap_defaults": {"first_octave": -1, "max_num_features": 8192, "keyframe_stride": 1},
-    "every_frame": {"keyframe_stride": 1},
+    "colmap_defaults": {
+        "first_octave": -1,
+        "max_num_features": 8192,
+        "keyframe_stride": 1,
+        "max_image_size": None,
+    },
+    "every_frame": {"keyframe_stride": 1, "max_image_size": None},
     "ours": {},
 }
 

@@ -125,16 +125,44 @@ def test_sfm_poses_match_ground_truth_after_alignment(sample_data):
     assert _rotation_span_deg(true) > 5 and 0 < q["triangulation_angle_deg"] < 90
 
 
+def _arc_clip(sample_data):
+    """The debug data's arc clip, 12 frames of 96x160, and its true cameras."""
+    item = list_webvid_items(str(sample_data / "webvid"), WebVidInputConfig(target_fps=None))[0][0]
+    frames, _, idx = decode_frames(item.video, 12, None)
+    gt = np.load(sample_data / "ground_truth" / "webvid" / f"{item.id}.npz")
+    return frames, Cameras(torch.from_numpy(gt["w2c"][idx]), torch.from_numpy(gt["K"][idx]), (96, 160))
+
+
+def test_sfm_size_cap_returns_cameras_of_the_frames_as_given(sample_data):
+    """sfm.max_image_size 150 shrinks the 96x160 frames to 90x150 for SfM (the true K given,
+    shrunk with them); the cameras come back in pixels of the frames given: their size and
+    exactly the K given, with rotations that match the renderer's."""
+    from mvcustom.geometry.sfm import _cap_size, run_sfm
+
+    frames, true = _arc_clip(sample_data)
+    small, K = _cap_size(frames, 150, true.K[0])
+    assert small.shape == (12, 90, 150, 3)
+    assert torch.allclose(K[:2], true.K[0, :2] * 150 / 160) and K[2].tolist() == [0, 0, 1]
+    assert _cap_size(frames, 160, None)[0] is frames  # already that small: untouched
+    cfg = from_dict(
+        PreprocessConfig, {"preset": "debug", "sfm": {"overlap": 4, "max_image_size": 150}}, "test"
+    )
+    res = run_sfm(frames, cfg.sfm, intrinsics=true.K[0])
+    assert res.ok, res.reason
+    assert res.cameras.image_hw.tolist() == [[96, 160]] * 12
+    assert torch.allclose(res.cameras.K, true.K, atol=1e-9)
+    assert relative_pose_errors(res.cameras, true)["rotation_deg"].median() < 1.0
+    with pytest.raises(ValueError, match="sfm.max_image_size"):
+        from_dict(PreprocessConfig, {"sfm": {"max_image_size": 8}}, "test")
+
+
 def test_keyframe_map_places_the_frames_between_by_pnp(sample_data):
     """sfm.keyframe_stride 2 on the arc clip: the reconstruction sees every other frame and the
     last; each frame between is placed against its map by absolute pose (not interpolated),
     and those placed frames match the renderer's cameras as the keyframes do."""
     from mvcustom.geometry.sfm import keyframe_positions, run_sfm
 
-    item = list_webvid_items(str(sample_data / "webvid"), WebVidInputConfig(target_fps=None))[0][0]
-    frames, _, idx = decode_frames(item.video, 12, None)
-    gt = np.load(sample_data / "ground_truth" / "webvid" / f"{item.id}.npz")
-    true = Cameras(torch.from_numpy(gt["w2c"][idx]), torch.from_numpy(gt["K"][idx]), (96, 160))
+    frames, true = _arc_clip(sample_data)
     cfg = from_dict(PreprocessConfig, {"preset": "debug", "sfm": {"overlap": 4}}, "test").sfm
     assert cfg.keyframe_stride == 2
     res = run_sfm(frames, cfg)

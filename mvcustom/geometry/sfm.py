@@ -299,6 +299,22 @@ def pairwise_homographies(
     return out
 
 
+def _cap_size(frames, max_side: int | None, K: torch.Tensor | None):
+    """Frames of one size shrunk so that their longer side is ``max_side`` (``None``, or frames
+    already that small: unchanged), and ``K`` in pixels of the shrunk frames."""
+    H, W = frames[0].shape[:2]
+    if max_side is None or max(H, W) <= max_side:
+        return frames, K
+    s = max_side / max(H, W)
+    h, w = max(round(H * s), 1), max(round(W * s), 1)
+    small = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in frames])
+    if K is not None:
+        K = K.clone()
+        K[0] *= w / W
+        K[1] *= h / H
+    return small, K
+
+
 def keyframe_positions(n: int, stride: int) -> list[int]:
     """The frames a clip's reconstruction is built from: every ``stride``-th one and the last,
     so that no frame lies beyond the map (``stride`` 1: all of them)."""
@@ -409,7 +425,9 @@ def run_sfm(
 
     Args:
         frames: the clip, in order.
-        cfg: matcher, mapper, registration threshold and threads.
+        cfg: matcher, mapper, registration threshold, threads, keyframes and
+            ``max_image_size`` (frames of one size larger than that are shrunk for SfM; the
+            cameras returned are in pixels of ``frames`` as given).
         workdir: parent folder of the temporary COLMAP workspace (default: the system's).
         intrinsics: optional ``(3, 3)`` pinhole ``K`` in pixels of ``frames``, shared by every
             frame. Given, COLMAP uses a fixed PINHOLE camera (focal not refined by bundle
@@ -428,6 +446,8 @@ def run_sfm(
             raise ValueError(f"intrinsics must be one (3, 3) K shared by the frames, got {tuple(K.shape)}")
         if not one_size:
             raise ValueError("shared intrinsics need frames of one size; these differ in size")
+    full_hw = tuple(frames[0].shape[:2])
+    frames, K = _cap_size(frames, cfg.max_image_size, K) if one_size else (frames, K)
     keys = (
         keyframe_positions(n, cfg.keyframe_stride)
         if cfg.matcher == "sequential" and one_size
@@ -511,5 +531,6 @@ def run_sfm(
     if result.median_depth is None:
         result.reason = "no reconstructed point lies in front of the first camera"
         return result
-    result.cameras = cams
+    # back to the frames as given (a no-op unless sfm.max_image_size shrank them)
+    result.cameras = cams.resize(*full_hw) if tuple(frames[0].shape[:2]) != full_hw else cams
     return result

@@ -57,7 +57,8 @@ def default_sfm_config() -> SfmConfig:
     (unregistered frames fail their pairs) instead of discarding them. Features are COLMAP's
     defaults (first octave -1, 8192 per frame), as the paper's "COLMAP on the generated views":
     the metric is an instrument, and generated frames are small (at octave 0 one of eight
-    144x192 views went unregistered), so it does not take preprocessing's faster settings.
+    144x192 views went unregistered), so it does not take preprocessing's faster settings
+    (nor its size cap: the views are measured at the size generated).
     """
     return SfmConfig(
         matcher="exhaustive",
@@ -65,6 +66,7 @@ def default_sfm_config() -> SfmConfig:
         min_registered_fraction=1e-6,
         first_octave=-1,
         max_num_features=8192,
+        max_image_size=None,
     )
 
 
