@@ -216,6 +216,11 @@ def _frame_name(position: int) -> str:
     return f"{position:05d}.png"
 
 
+def _frame_position(name: str) -> int:
+    """The clip position of an image named by :func:`_frame_name`."""
+    return int(name.split(".")[0])
+
+
 def _extraction_options(cfg: SfmConfig):
     import pycolmap
 
@@ -308,10 +313,8 @@ def _cap_size(frames, max_side: int | None, K: torch.Tensor | None):
     s = max_side / max(H, W)
     h, w = max(round(H * s), 1), max(round(W * s), 1)
     small = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in frames])
-    if K is not None:
-        K = K.clone()
-        K[0] *= w / W
-        K[1] *= h / H
+    if K is not None:  # Cameras.resize holds the pixel convention of a resize, here as everywhere
+        K = Cameras(torch.eye(4, dtype=K.dtype)[None], K[None], (H, W)).resize(h, w).K[0]
     return small, K
 
 
@@ -349,8 +352,8 @@ def match_descriptors(
 
 def _register_by_pnp(rec, db: Path, frames, todo: list[int], cfg: SfmConfig) -> dict[int, np.ndarray]:
     """Poses of the frames at ``todo`` from the keyframe map ``rec``: SIFT features (as the
-    keyframes', from the frames in memory), matched against the 3D-point features of the nearest registered keyframe on
-    each side, then COLMAP's LO-RANSAC absolute pose with non-linear refinement (camera and
+    keyframes', from the frames in memory), matched against the 3D-point features of the
+    nearest registered keyframe on each side, then COLMAP's LO-RANSAC absolute pose with non-linear refinement (camera and
     thresholds as its mapper's: the map's shared camera held fixed, >= 30 inliers, >= 25 % of
     the correspondences). Returns ``{position: 3x4 cam_from_world}`` for the frames placed."""
     import pycolmap
@@ -366,7 +369,7 @@ def _register_by_pnp(rec, db: Path, frames, todo: list[int], cfg: SfmConfig) -> 
             ids = np.array([p.point3D_id if p.has_point3D() else -1 for p in points], dtype=np.int64)
             desc = database.read_descriptors(image_id)
             desc = _unit_rows(desc.data)
-            keyframes[int(name.split(".")[0])] = (desc[ids >= 0], ids[ids >= 0])
+            keyframes[_frame_position(name)] = (desc[ids >= 0], ids[ids >= 0])
     finally:
         database.close()
     if not keyframes:
@@ -380,10 +383,10 @@ def _register_by_pnp(rec, db: Path, frames, todo: list[int], cfg: SfmConfig) -> 
     estimation.ransac.max_error = mapper.abs_pose_max_error
     placed = {}
     for i in todo:
-        found, desc = extractor.extract(
+        features, desc = extractor.extract(
             pycolmap.Bitmap.from_array(np.ascontiguousarray(frames[i])).clone_as_grey()
         )
-        keypoints = np.array([(p.x, p.y) for p in found], dtype=np.float64).reshape(-1, 2)
+        keypoints = np.array([(p.x, p.y) for p in features], dtype=np.float64).reshape(-1, 2)
         desc = _unit_rows(desc.data)
         sides = (
             max((k for k in keyframes if k < i), default=None),
@@ -402,15 +405,15 @@ def _register_by_pnp(rec, db: Path, frames, todo: list[int], cfg: SfmConfig) -> 
                     xyz.append(rec.points3D[point_id].xyz)
         if len(xy) < mapper.abs_pose_min_num_inliers:
             continue
-        found = pycolmap.estimate_and_refine_absolute_pose(
+        pose = pycolmap.estimate_and_refine_absolute_pose(
             np.asarray(xy, dtype=np.float64), np.asarray(xyz, dtype=np.float64), camera, estimation
         )
-        if found is None:
+        if pose is None:
             continue
-        inliers = int(found["num_inliers"])
+        inliers = int(pose["num_inliers"])
         if inliers < mapper.abs_pose_min_num_inliers or inliers < mapper.abs_pose_min_inlier_ratio * len(xy):
             continue
-        placed[i] = np.asarray(found["cam_from_world"].matrix(), dtype=np.float64)
+        placed[i] = np.asarray(pose["cam_from_world"].matrix(), dtype=np.float64)
     return placed
 
 
@@ -482,7 +485,7 @@ def run_sfm(
             keyframes=keys,
         )
     key_cams, got = cameras_from_pycolmap(rec, names)
-    on_map = {int(g.split(".")[0]): key_cams.w2c[k] for k, g in enumerate(got)}
+    on_map = {_frame_position(g): key_cams.w2c[k] for k, g in enumerate(got)}
     for i, m in placed.items():
         w2c = torch.eye(4, dtype=torch.float64)
         w2c[:3, :4] = torch.from_numpy(m)
