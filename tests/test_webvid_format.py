@@ -67,6 +67,20 @@ def test_make_sample_data_job_is_deterministic(tmp_path, capsys):
     assert '"co3d_sequences": 4' in capsys.readouterr().out
 
 
+def test_generated_videos_are_the_same_bytes_every_time():
+    """The generator's H.264 encode of one rendered 160x96 clip, six times: one video. (libx264
+    with MB-tree on gave 9 different videos in 12 encodes of it, and SfM's errors with them.)"""
+    import torch
+
+    from mvcustom.data.generator.scene import Scene, render
+    from mvcustom.data.generator.subjects import make_room, make_subject
+    from mvcustom.data.generator.webvid_writer import clip_cameras, encode_h264
+
+    cams = clip_cameras(torch.Generator().manual_seed(5), "arc", 12, (96, 160))
+    frames = render(Scene(make_subject("teddybear", 0) + make_room(50_000)), cams).rgb.numpy()
+    assert len({encode_h264(frames, 12, 18) for _ in range(6)}) == 1
+
+
 def test_replicate_webvid_lists_more_clips_than_rendered(sample_data, tmp_path):
     """Benchmarks' scaled WebVid roots: the generated rows in order, then replicas with new ids
     whose videos are the originals' bytes; the reader's layout holds for every row."""
