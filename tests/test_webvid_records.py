@@ -133,6 +133,21 @@ def _arc_clip(sample_data):
     return frames, Cameras(torch.from_numpy(gt["w2c"][idx]), torch.from_numpy(gt["K"][idx]), (96, 160))
 
 
+def test_a_clips_sfm_does_not_depend_on_what_ran_before(sample_data):
+    """The arc clip's SfM, fresh and after the truck clip's in the same thread: the same
+    cameras to the bit (sfm.seed is set per clip; COLMAP's RANSACs share a generator)."""
+    from mvcustom.geometry.sfm import run_sfm
+
+    frames, _ = _arc_clip(sample_data)
+    truck = list_webvid_items(str(sample_data / "webvid"), WebVidInputConfig(target_fps=None))[0][1]
+    cfg = from_dict(PreprocessConfig, {"preset": "debug", "sfm": {"overlap": 4}}, "test").sfm
+    first = run_sfm(frames, cfg)
+    run_sfm(decode_frames(truck.video, 12, None)[0], cfg)
+    again = run_sfm(frames, cfg)
+    assert first.ok and torch.equal(first.cameras.w2c, again.cameras.w2c)
+    assert torch.equal(first.cameras.K, again.cameras.K)
+
+
 def test_sfm_size_cap_returns_cameras_of_the_frames_as_given(sample_data):
     """sfm.max_image_size 150 shrinks the 96x160 frames to 90x150 for SfM (the true K given,
     shrunk with them); the cameras come back in pixels of the frames given: their size and

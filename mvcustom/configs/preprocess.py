@@ -215,6 +215,10 @@ class SfmConfig:
         low_quality: what happens to a low-quality clip: ``flag`` stores it with
             ``json.pose_quality.low = true`` (filter on it when training), ``drop`` makes it an
             error record (stage ``sfm``) like a failed reconstruction.
+        seed: COLMAP's random seed, set again at the start of every clip's SfM. Its RANSACs
+            draw from one generator per thread, so without that a clip's poses would depend on
+            the clips its worker posed before it: a rerun, a resume or another placement of the
+            shards would store different poses.
     """
 
     matcher: Literal["sequential", "exhaustive"] = "sequential"
@@ -231,6 +235,7 @@ class SfmConfig:
     min_quality: float = 0.5
     max_forward_motion: float = 0.4
     low_quality: Literal["flag", "drop"] = "flag"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         check(0 < self.min_registered_fraction <= 1, "sfm.min_registered_fraction must be in (0, 1]")

@@ -440,6 +440,7 @@ def run_sfm(
     import pycolmap
 
     quiet_colmap()
+    pycolmap.set_random_seed(cfg.seed)  # this clip's poses, whatever ran in this thread before
     n = len(frames)
     one_size = len({tuple(fr.shape[:2]) for fr in frames}) == 1
     K = None
