@@ -310,3 +310,35 @@ def test_forward_motion_figure_on_true_camera_paths(motion, low, high):
     for seed in range(3):
         cams = clip_cameras(torch.Generator().manual_seed(seed), motion, 16, (192, 320))
         assert low <= _forward_motion(cams) <= high, (motion, seed, _forward_motion(cams))
+
+
+_DECODE_ONLY_SHARD = """
+import sys
+from mvcustom.configs import PreprocessConfig, load_config
+from pipelines.preprocess import build_samples, commit
+from pipelines.sources import get_source
+
+cfg = load_config(PreprocessConfig, "jobs/configs/preprocess_webvid_debug.yaml", sys.argv[1:])
+items, _ = get_source(cfg.source).list(cfg)
+row = commit(build_samples(0, items[:2], cfg), cfg)
+print(row["samples"], "torch" in sys.modules)
+"""
+
+
+def test_a_decode_only_shard_imports_no_torch(sample_data, tmp_path):
+    """A WebVid shard without SfM or depth, built and committed as a shard worker does: torch
+    is never imported (0.8-2 s in every worker of a job that runs no model)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sets = [f"input={sample_data / 'webvid'}", f"output={tmp_path / 'out'}", "estimate_poses=false"]
+    sets += ["estimate_depth=false", "mlflow.enabled=false"]
+    out = subprocess.run(
+        [sys.executable, "-c", _DECODE_ONLY_SHARD, *sets],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["2", "False"], out.stdout
