@@ -514,6 +514,8 @@ def test_dockerfile_structure():
     assert '"torchvision==${TORCHVISION_VERSION}" --index-url "$TORCH_INDEX_URL"' in runs
     assert args["DREAMSIM_VERSION"] and '"dreamsim==${DREAMSIM_VERSION}"' in runs
     assert _dockerfile_workdir(path) == "/app"
+    envs = " ".join(a for k, a in ins if k == "ENV")
+    assert "RAY_USAGE_STATS_ENABLED=0" in envs  # as the launcher's ray start --disable-usage-stats
     # the lock's pin admits the CUDA build (PEP 440: no local label in the specifier)
     from packaging.specifiers import SpecifierSet
 
