@@ -237,7 +237,11 @@ def summarise(runs: dict[tuple[str, int], list[dict]], cores: int) -> dict:
       (start-up included, so an upper bound that noise cannot turn negative);
     * ``projected_efficiency_{cores}_cores``: (cores - control plane at that many cores) /
       cores / work_cpu_ratio, the upper-bound control plane extrapolated linearly from 1 and 2
-      CPUs; target >= 0.93.
+      CPUs; target >= 0.93;
+    * ``marginal_ratio_ray_1cpu_explained``: work_cpu_ratio / (1 - control_plane_cores_1cpu),
+      what the 1-CPU ratio is made of (the shard workers run on what the control plane leaves
+      of the one core), and ``control_plane_cores_1cpu_that_1.05_allows``: the control plane
+      under which the 1.05 target holds at the measured work_cpu_ratio.
     """
     import statistics
 
@@ -287,6 +291,9 @@ def summarise(runs: dict[tuple[str, int], list[dict]], cores: int) -> dict:
         cp_at = up[1] + slope * (cores - 1)
         row[f"control_plane_cores_at_{cores}"] = round(cp_at, 3)
         row[f"projected_efficiency_{cores}_cores"] = round((cores - cp_at) / cores / work, 3)
+        if 1 in cp and cp[1] < 1:  # on one core the workers get what the control plane leaves
+            row["marginal_ratio_ray_1cpu_explained"] = round(work / (1 - cp[1]), 3)
+            row["control_plane_cores_1cpu_that_1.05_allows"] = round(1 - work / 1.05, 3)
     return row
 
 
