@@ -21,9 +21,9 @@ WebDataset tars of 128x128 clips at 8 fps, 32 frames (4 s at 8 fps):
 * ``ours_running_ray``: the same job as a driver of a Ray that is already running (a 1-CPU head
   started with ``ray start`` on the same core before the run, untimed and left to settle, killed
   after it): the fixed cost of a job submitted to a cluster, without Ray's own start and stop.
-* ``floor``: a bare PyAV + PIL loop (read, decode forward, sample at 8 fps, centre crop,
-  bicubic resize to 128, 32 frames), writing nothing: what the work costs with no framework.
-  The seconds it spends inside libavcodec's decoder are timed apart (``decode_s_per_clip``):
+* ``floor``: a bare PyAV loop (read, decode forward, sample at 8 fps, centre crop and bicubic
+  resize to 128 in libavfilter as the job does, 32 frames), writing nothing: what the work
+  costs with no framework. The seconds it spends inside libavcodec's decoder are timed apart (``decode_s_per_clip``):
   video2dataset's marginal over that (``marginal_speedup_bound_by_decode``) is the most any
   tool that decodes every frame could lead it by.
 
@@ -611,10 +611,14 @@ def run_ours(inputs: dict, out: Path, core: int, running_ray: bool = False) -> d
 
 
 def _floor_child(spec_json: str) -> None:
-    """Decode, sample at ``fps``, centre crop and resize ``num_frames`` frames of every video."""
+    """Decode, sample at ``fps``, centre crop and resize ``num_frames`` frames of every video
+    (the job's own libavfilter crop and resize on the YUV frame, ``_CropResize``; nothing else
+    of the job)."""
     import av
     import numpy as np
-    from PIL import Image
+
+    sys.path.insert(0, str(ROOT))
+    from pipelines.webvid_records import _CropResize
 
     spec = json.loads(spec_json)
     size, num, step = spec["size"], spec["num_frames"], 1.0 / spec["fps"]
@@ -622,9 +626,10 @@ def _floor_child(spec_json: str) -> None:
     for path in spec["paths"]:
         with open(path, "rb") as f:
             data = io.BytesIO(f.read())
-        frames = []
+        frames, resize = [], None
         with av.open(data) as c:
-            src_fps = float(c.streams.video[0].average_rate or 0)
+            stream = c.streams.video[0]
+            src_fps = float(stream.average_rate or 0)
             half = 0.5 / src_fps if src_fps else 0.0
             decoded = c.decode(video=0)
             while True:  # libavcodec's share timed apart: the floor under any decoder of H.264
@@ -635,11 +640,8 @@ def _floor_child(spec_json: str) -> None:
                     break
                 if frame.time is not None and frame.time + 1e-6 < len(frames) * step - half:
                     continue
-                img = frame.to_image()
-                side = min(img.size)
-                x0, y0 = (img.width - side) // 2, (img.height - side) // 2
-                img = img.crop((x0, y0, x0 + side, y0 + side)).resize((size, size), Image.BICUBIC)
-                frames.append(np.asarray(img))
+                resize = resize or _CropResize(frame, stream.time_base, size, size)
+                frames.append(resize(frame))
                 if len(frames) == num:
                     break
         clip = np.stack(frames)
@@ -829,7 +831,7 @@ def main() -> None:
             "below 5% CPU), killed after it: a driver on a running cluster; `ray job submit` adds "
             "its job supervisor (an actor) to this",
         },
-        "floor": "PyAV decode + PIL centre crop and bicubic resize, nothing written",
+        "floor": "PyAV decode + libavfilter centre crop and bicubic resize (the job's), nothing written",
         **summarise(runs, sizes),
         "runs": [
             {

@@ -9,8 +9,8 @@ in this process, on one core (``os.sched_setaffinity``, one torch thread), on cl
 WebVid's resolution (596x336, 24 fps; the job decodes only the first 2 s of a clip, which is
 all 16 frames at 8 fps need):
 
-* ``decode``: read + decode forward + sample at 8 fps + centre crop / resize (``decode_frames``,
-  ``crop_resize_frames``), seconds per clip;
+* ``decode``: read + decode forward + sample at 8 fps + full-size RGB frames for SfM and the
+  stored frames centre-cropped and resized (``decode_clip``), seconds per clip;
 * ``sfm``: ``run_sfm`` on those 16 frames (pycolmap, one thread), seconds per clip; beside it
   the same clips with every frame mapped at full size (``keyframe_stride`` 1,
   ``max_image_size`` null), so the saving is a ratio measured in one run;
@@ -86,7 +86,7 @@ def main() -> None:
     from mvcustom.geometry.sfm import run_sfm
     from mvcustom.models.zoedepth import nyu_kitti_zoedepth_config
     from mvcustom.models.zoedepth import preprocess as zoe_preprocess
-    from pipelines.webvid_records import crop_resize_frames, decode_frames
+    from pipelines.webvid_records import decode_clip
 
     root = args.out or tempfile.mkdtemp(prefix="bench-webvid10m-")
     cfg = load_config(PreprocessConfig, "jobs/configs/preprocess_webvid.yaml", ["input=x", "output=y"])
@@ -115,8 +115,8 @@ def main() -> None:
     for url in videos:
 
         def decode(url=url):
-            frames, _, _ = decode_frames(url, n, cfg.webvid.target_fps)
-            return frames, crop_resize_frames(frames, cfg.clip.height, cfg.clip.width)[0]
+            d = decode_clip(url, n, cfg.webvid.target_fps, stored_hw=(cfg.clip.height, cfg.clip.width))
+            return d.frames, d.stored
 
         s, (frames, stored) = _median_time(decode, 3)
         decode_s.append(s)

@@ -13,7 +13,13 @@ import torch
 from mvcustom.configs import PreprocessConfig, from_dict
 from mvcustom.configs.preprocess import WebVidInputConfig
 from mvcustom.geometry import Cameras, align_cameras, relative_pose_errors
-from pipelines.webvid_records import RecordError, build_webvid_clip, decode_frames, list_webvid_items
+from pipelines.webvid_records import (
+    RecordError,
+    build_webvid_clip,
+    decode_clip,
+    decode_frames,
+    list_webvid_items,
+)
 
 
 @pytest.fixture()
@@ -63,6 +69,71 @@ def test_decode_samples_at_target_fps(sample_data):
     assert idx == [0, 2, 4, 6]
     frames, _, idx = decode_frames(items[0].video, 12, None)
     assert idx == list(range(12))
+
+
+def test_stored_frames_are_the_centre_crop_of_the_full_frames(sample_data):
+    """The stored frames come from libavfilter on the YUV frame (no full-size RGB): the same
+    frames, box and indices with or without full-size frames, and the PIL bicubic crop of the
+    full-size RGB frames to within resampling noise."""
+    from PIL import Image
+
+    from mvcustom.geometry.crop import center_crop_box
+
+    items, _ = list_webvid_items(str(sample_data / "webvid"), WebVidInputConfig())
+    both = decode_clip(items[0].video, 4, 6.0, extra=2, stored_hw=(64, 64))
+    alone = decode_clip(items[0].video, 4, 6.0, stored_hw=(64, 64), full=False)
+    assert both.frames.shape == (6, 96, 160, 3) and both.stored.shape == (4, 64, 64, 3)
+    assert alone.frames is None and np.array_equal(alone.stored, both.stored)
+    assert alone.indices == both.indices[:4] == [0, 2, 4, 6] and alone.fps == both.fps
+    assert both.size_hw == alone.size_hw == (96, 160)
+    assert both.box == alone.box == center_crop_box(96, 160, 64, 64) == (32, 0, 96, 96)
+    x0, y0, cw, ch = both.box
+    pil = np.stack(
+        [
+            np.asarray(Image.fromarray(f[y0 : y0 + ch, x0 : x0 + cw]).resize((64, 64), Image.BICUBIC))
+            for f in both.frames[:4]
+        ]
+    )
+    diff = np.abs(pil.astype(float) - both.stored.astype(float))
+    assert diff.mean() < 3.0, diff.mean()  # chroma is interpolated differently; the image is the same
+    with pytest.raises(ValueError, match="full frames, stored_hw, or both"):
+        decode_clip(items[0].video, 4, 6.0, full=False)
+
+
+@pytest.mark.parametrize(
+    ("hw", "target"), [((180, 320), (128, 128)), ((96, 160), (64, 96)), ((120, 90), (64, 64))]
+)
+def test_crop_resize_is_pixel_centre_aligned(hw, target):
+    """Where a blob lands after the crop and resize is where the intrinsics say (corner-origin
+    pixels scale by the resize factor; the camera model of Cameras.crop_resize): a sub-pixel
+    shift in the resampler would be a shift of every stored pose's principal point."""
+    import fractions
+
+    import av
+
+    from pipelines.webvid_records import _CropResize
+
+    H, W = hw
+    h, w = target
+    cx, cy = W / 2 + 0.3, H / 2 - 0.3  # pixel-index coordinates (centre of pixel (0, 0) at 0, 0)
+    yy, xx = np.mgrid[0:H, 0:W].astype(float)
+    img = (30 + 200 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 5.0**2))).astype(np.uint8)
+    frame = av.VideoFrame.from_ndarray(np.repeat(img[..., None], 3, -1), format="rgb24").reformat(
+        format="yuv420p"
+    )
+    resize = _CropResize(frame, fractions.Fraction(1, 24), h, w)
+    x0, y0, cw, ch = resize.box
+    out = np.clip(resize(frame)[..., 1].astype(float) - 30, 0, None)
+    oy, ox = np.mgrid[0:h, 0:w]
+    got = ((out * ox).sum() / out.sum(), (out * oy).sum() / out.sum())
+    # corner-origin u = index + 0.5 maps to (u - x0) * w / cw
+    want = ((cx + 0.5 - x0) * w / cw - 0.5, (cy + 0.5 - y0) * h / ch - 0.5)
+    assert np.allclose(got, want, atol=0.03), (got, want)
+    small = av.VideoFrame.from_ndarray(np.zeros((H // 2 * 2 - 2, W, 3), np.uint8), format="rgb24").reformat(
+        format="yuv420p"
+    )
+    with pytest.raises(RecordError, match="frame size changes mid-stream"):
+        resize(small)
 
 
 def test_decode_failures_are_record_errors(webvid_copy):
