@@ -612,41 +612,39 @@ def run_ours(inputs: dict, out: Path, core: int, running_ray: bool = False) -> d
 
 def _floor_child(spec_json: str) -> None:
     """Decode, sample at ``fps``, centre crop and resize ``num_frames`` frames of every video
-    (the job's own libavfilter crop and resize on the YUV frame, ``_CropResize``; nothing else
-    of the job)."""
-    import av
+    with the job's own decoding (``SampledVideo``: disposable pictures the clip does not keep
+    are not decoded) and libavfilter crop and resize on the YUV frame (``_CropResize``);
+    nothing else of the job."""
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
+    from pipelines.video_sampling import SampledVideo
     from pipelines.webvid_records import _CropResize
 
     spec = json.loads(spec_json)
-    size, num, step = spec["size"], spec["num_frames"], 1.0 / spec["fps"]
-    done, decode_s = 0, 0.0
+    size, num = spec["size"], spec["num_frames"]
+    done, decode_s, sent, skipped = 0, 0.0, 0, 0
     for path in spec["paths"]:
         with open(path, "rb") as f:
             data = io.BytesIO(f.read())
         frames, resize = [], None
-        with av.open(data) as c:
-            stream = c.streams.video[0]
-            src_fps = float(stream.average_rate or 0)
-            half = 0.5 / src_fps if src_fps else 0.0
-            decoded = c.decode(video=0)
-            while True:  # libavcodec's share timed apart: the floor under any decoder of H.264
+        with SampledVideo(data) as video:
+            decoded = video.frames(num, spec["fps"])
+            while True:  # libavcodec's share timed apart: the floor under this way of decoding
                 t = time.perf_counter()
-                frame = next(decoded, None)
+                item = next(decoded, None)
                 decode_s += time.perf_counter() - t
-                if frame is None:
+                if item is None:
                     break
-                if frame.time is not None and frame.time + 1e-6 < len(frames) * step - half:
-                    continue
-                resize = resize or _CropResize(frame, stream.time_base, size, size)
-                frames.append(resize(frame))
-                if len(frames) == num:
-                    break
+                resize = resize or _CropResize(item[1], video.time_base, size, size)
+                frames.append(resize(item[1]))
+            if video.planned:
+                sent += video.planned["sent"]
+                skipped += video.planned["skipped"]
         clip = np.stack(frames)
         done += clip.shape == (num, size, size, 3)
-    print("RESULT " + json.dumps({"clips": done, "decode_s": decode_s}), flush=True)
+    result = {"clips": done, "decode_s": decode_s, "pictures_decoded": sent, "pictures_skipped": skipped}
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 def run_floor(inputs: dict, out: Path, core: int) -> dict:
@@ -662,6 +660,8 @@ def run_floor(inputs: dict, out: Path, core: int) -> dict:
         "exit_code": rc,
         "clips_written": res.get("clips", 0),
         "decode_s": res.get("decode_s"),
+        "pictures_decoded": res.get("pictures_decoded"),
+        "pictures_skipped": res.get("pictures_skipped"),
     }
     if rc != 0 or not lines:
         r["log_tail"] = log[-3000:]

@@ -6,7 +6,9 @@ numbers); the columns a config needs are ``videoid`` and ``name`` (the caption) 
 with ``webvid.use_url_column``. A row missing any of them is an error record, not a crash.
 
 Frames are decoded forward once with PyAV (no per-frame seeks: STACK.md measured seeking 3x
-slower on long-GOP files) and sampled at ``webvid.target_fps`` from the start of the clip; the
+slower on long-GOP files) and sampled at ``webvid.target_fps`` from the start of the clip
+(:mod:`pipelines.video_sampling`: H.264 pictures no other picture references and the clip does
+not keep are never decoded; the kept frames are the same bit for bit); the
 stored frames are centre-cropped and resized by libavfilter on the decoded YUV frame (only the
 stored size is converted to RGB), and full-size RGB frames are kept only for SfM.
 
@@ -34,6 +36,7 @@ from mvcustom.data.schema import ClipSample, make_key
 from mvcustom.data.storage import read_bytes
 from mvcustom.geometry.crop import center_crop_box
 from pipelines.errors import RecordError, TransientError, is_transient
+from pipelines.video_sampling import NoVideoStream, SampledVideo
 
 if TYPE_CHECKING:  # torch and pycolmap load only where poses are estimated (decode-only runs skip them)
     from mvcustom.geometry import Cameras
@@ -229,8 +232,6 @@ def decode_clip(
     """Decode ``num_frames`` frames sampled at ``target_fps`` from the start of the video, and
     up to ``extra`` more after them where the video has them; keep them at full size (``full``)
     and/or centre-cropped and resized to ``stored_hw`` (the first ``num_frames``)."""
-    import av
-
     if not full and stored_hw is None:
         raise ValueError("decode_clip: ask for full frames, stored_hw, or both")
     try:  # whole clip into memory: storage reads retry their transient faults (read_bytes)
@@ -245,29 +246,22 @@ def decode_clip(
     resize = None
     size_hw = (0, 0)
     try:
-        with f, av.open(f) as container:
-            if not container.streams.video:
-                raise RecordError("decode", f"{url} has no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            fps = float(rate) if rate else 0.0
-            step = 1.0 / target_fps if target_fps else None
-            for k, frame in enumerate(container.decode(video=0)):
-                t = float(frame.time) if frame.time is not None else (k / fps if fps else k)
-                if step is None or t + 1e-6 >= len(indices) * step - (0.5 / fps if fps else 0):
-                    if not indices:
-                        size_hw = (frame.height, frame.width)
-                    if full:
-                        frames.append(frame.to_ndarray(format="rgb24"))
-                    if stored_hw is not None and len(indices) < num_frames:
-                        if resize is None:
-                            resize = _CropResize(frame, stream.time_base, *stored_hw)
-                        stored.append(resize(frame))
-                    indices.append(k)
-                    if len(indices) == num_frames + extra or (not full and len(indices) == num_frames):
-                        break
+        with f, SampledVideo(f) as video:
+            for k, frame in video.frames(num_frames + extra if full else num_frames, target_fps):
+                if not indices:
+                    size_hw = (frame.height, frame.width)
+                if full:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                if stored_hw is not None and len(indices) < num_frames:
+                    if resize is None:
+                        resize = _CropResize(frame, video.time_base, *stored_hw)
+                    stored.append(resize(frame))
+                indices.append(k)
+            fps = video.fps
     except RecordError:
         raise
+    except NoVideoStream:
+        raise RecordError("decode", f"{url} has no video stream") from None
     except Exception as e:  # PyAV raises many error types for corrupt/truncated input
         if is_transient(e):  # a read of the file object timed out: the video may be fine
             raise TransientError(f"reading {url}: {type(e).__name__}: {e}") from e
