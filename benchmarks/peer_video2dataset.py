@@ -21,11 +21,13 @@ WebDataset tars of 128x128 clips at 8 fps, 32 frames (4 s at 8 fps):
 * ``ours_running_ray``: the same job as a driver of a Ray that is already running (a 1-CPU head
   started with ``ray start`` on the same core before the run, untimed and left to settle, killed
   after it): the fixed cost of a job submitted to a cluster, without Ray's own start and stop.
-* ``floor``: a bare PyAV loop (read, decode forward, sample at 8 fps, centre crop and bicubic
-  resize to 128 in libavfilter as the job does, 32 frames), writing nothing: what the work
-  costs with no framework. The seconds it spends inside libavcodec's decoder are timed apart (``decode_s_per_clip``):
-  video2dataset's marginal over that (``marginal_speedup_bound_by_decode``) is the most any
-  tool that decodes every frame could lead it by.
+* ``floor``: a bare loop of the job's decoding (read, decode forward without the disposable
+  H.264 pictures the clip does not keep, sample at 8 fps, centre crop and bicubic resize to 128
+  in libavfilter, 32 frames; ``pipelines.video_sampling``), writing nothing: what the work costs
+  with no framework. The seconds it spends inside the decoder are timed apart
+  (``decode_s_per_clip``, with the pictures decoded and skipped): video2dataset's marginal over
+  that (``marginal_speedup_bound_by_decode``) is the most a tool decoding this way could lead
+  it by.
 
 Every run is a fresh program on one core (``os.sched_setaffinity``: it and every process it
 starts, ffmpeg's and Ray's included) timed from its start to its end, interleaved over tools and
@@ -36,10 +38,13 @@ Clips written are counted in the output tars (a v2d sample with an ``.mp4``, one
 its frames); the script exits 1 when any tool wrote fewer clips than it was given (video2dataset
 itself exits 0 when every sample failed, and its ``*_stats.json`` do not count samples dropped by
 an exception). v2d's stats, any traceback in its log, and its shards' start and end (seconds from
-its program's start, as ours' ``phases_s``) are reported. Targets (reported, not asserted):
-marginal speed-up >= 5x, our fixed cost <= 10 s, end to end >= 3x at the larger size (the last two
-for both of our configurations). Prints one
-JSON document (progress goes to stderr).
+its program's start; ours' ``phases_s`` count from the job's start, after its imports, and
+``first_commit_from_program_start_s`` from the program's) are reported. Targets (reported, not
+asserted): marginal speed-up >= 5x; our fixed cost <= 10 s, both as the intercept of the two
+sizes (every fixed cost, Ray's shutdown at the end included) and as the time before the first
+clip (the program's start to its first committed shard); end to end >= 3x at the larger size
+(the last two for both of our configurations). Prints one JSON document (progress goes to
+stderr).
 
 Rendering a clip takes ~10-15 s on 2 cores, so ``--unique-clips`` (24) are rendered and the
 larger size lists replicas of them (a new videoid, the video a symlink: the same decoding work);
@@ -583,7 +588,7 @@ def run_ours(inputs: dict, out: Path, core: int, running_ray: bool = False) -> d
     try:
         address = cluster.address if cluster else None
         cmd = our_command(inputs["webvid"], str(out / "shards"), address)
-        wall, rc, log, _ = _timed(cmd, out, core, cluster.env if cluster else None)
+        wall, rc, log, started = _timed(cmd, out, core, cluster.env if cluster else None)
     finally:
         if cluster:
             cluster.stop()
@@ -592,6 +597,9 @@ def run_ours(inputs: dict, out: Path, core: int, running_ray: bool = False) -> d
     summary = _last_json(log) or {}
     r["job"] = {k: summary.get(k) for k in ("complete", "clips_written", "errors", "shards_total", "seconds")}
     r["phases_s"] = summary.get("phases_s")
+    if r["phases_s"] and summary.get("started_at"):  # the job's clock starts after its imports
+        first = summary["started_at"] + r["phases_s"]["first_commit_s"] - started
+        r["phases_s"] = {"first_commit_from_program_start_s": round(first, 2), **r["phases_s"]}
     if summary.get("failure_reasons"):
         r["failure_reasons"] = summary["failure_reasons"]
     if r["clips_written"]:
@@ -707,8 +715,10 @@ def summarise(runs: list[dict], sizes: list[int]) -> dict:
                 row["phases_s"] = {k: statistics.median(p.get(k, 0.0) for p in phases) for k in phases[0]}
             if tool.startswith("ours"):
                 row["job"] = rs[0]["job"]
-            if tool == "floor":  # libavcodec's own seconds a clip: the floor of any H.264 decoder
+            if tool == "floor":  # the decoder's own seconds a clip: the floor under decoding this way
                 row["decode_s_per_clip"] = round(statistics.median(r["decode_s"] / n for r in rs), 4)
+                for k in ("pictures_decoded", "pictures_skipped"):
+                    row[f"{k}_per_clip"] = round(rs[0][k] / n, 1) if rs[0].get(k) is not None else None
             by_size[str(n)] = row
         marginal, fixed = _line({n: by_size[str(n)]["wall_s"] for n in sizes}, a, b)
         tools[tool] = {
@@ -729,7 +739,7 @@ def summarise(runs: list[dict], sizes: list[int]) -> dict:
         },
         "marginal_ours_vs_floor": ratio(o["marginal_s_per_clip"], f["marginal_s_per_clip"]),
         "marginal_v2d_vs_floor": ratio(v["marginal_s_per_clip"], f["marginal_s_per_clip"]),
-        # what no decoder-bound tool can pass: v2d's marginal over H.264 decoding alone
+        # what no tool decoding as we do can pass: v2d's marginal over that decoding alone
         "marginal_speedup_bound_by_decode": ratio(v["marginal_s_per_clip"], decode),
         "marginal_speedup_ours_running_ray_vs_v2d": ratio(v["marginal_s_per_clip"], c["marginal_s_per_clip"]),
         "end_to_end_speedup_ours_running_ray_vs_v2d": {
@@ -744,6 +754,10 @@ def summarise(runs: list[dict], sizes: list[int]) -> dict:
         fixed = tools[tool]["fixed_s"]
         e2e = ratios[f"end_to_end_speedup_ours{key}_vs_v2d"][str(b)]
         targets[f"ours{key}_fixed_s"] = {"target": "<= 10", "value": fixed, "met": fixed <= 10}
+        # the issue's "fixed cost before the first clip": the program's start to its first
+        # committed shard (4 clips), at the smaller size
+        first = tools[tool]["by_size"][str(a)]["phases_s"]["first_commit_from_program_start_s"]
+        targets[f"ours{key}_first_clip_s"] = {"target": "<= 10", "value": first, "met": first <= 10}
         targets[f"end_to_end_speedup{key}_at_{b}"] = {
             "target": ">= 3",
             "value": e2e,
@@ -831,7 +845,8 @@ def main() -> None:
             "below 5% CPU), killed after it: a driver on a running cluster; `ray job submit` adds "
             "its job supervisor (an actor) to this",
         },
-        "floor": "PyAV decode + libavfilter centre crop and bicubic resize (the job's), nothing written",
+        "floor": "the job's decoding (disposable pictures not kept are skipped) + libavfilter centre "
+        "crop and bicubic resize, nothing written",
         **summarise(runs, sizes),
         "runs": [
             {
