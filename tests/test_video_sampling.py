@@ -72,7 +72,14 @@ def test_withheld_pictures_change_no_kept_frame(clip, count, target_fps):
 
 @pytest.mark.parametrize(
     "x264_params",
-    ["b-pyramid=none", "b-pyramid=strict", "bframes=8:b-adapt=2", "bframes=0", "open-gop=1:keyint=10", "ref=1"],
+    [
+        "b-pyramid=none",
+        "b-pyramid=strict",
+        "bframes=8:b-adapt=2",
+        "bframes=0",
+        "open-gop=1:keyint=10",
+        "ref=1",
+    ],
 )
 def test_other_gop_structures_decode_the_same(x264_params):
     """Without a B-pyramid, with more B-frames, none, open GOPs (B-frames presented before the
