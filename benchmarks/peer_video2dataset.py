@@ -712,7 +712,9 @@ def summarise(runs: list[dict], sizes: list[int]) -> dict:
                     row["first_traceback"] = rs[0]["first_traceback"]
             phases = [r["phases_s"] for r in rs if r.get("phases_s")]
             if phases:
-                row["phases_s"] = {k: statistics.median(p.get(k, 0.0) for p in phases) for k in phases[0]}
+                row["phases_s"] = {
+                    k: round(statistics.median(p.get(k, 0.0) for p in phases), 2) for k in phases[0]
+                }
             if tool.startswith("ours"):
                 row["job"] = rs[0]["job"]
             if tool == "floor":  # the decoder's own seconds a clip: the floor under decoding this way

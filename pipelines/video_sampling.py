@@ -115,7 +115,7 @@ def _planned(
     last_placed = None
     exhausted = False
 
-    def read() -> bool:
+    def read() -> None:
         nonlocal exhausted
         for packet in packets:
             if packet.size == 0:
@@ -128,9 +128,8 @@ def _planned(
                 raise _Fallback
             ahead.append(packet)
             heapq.heappush(unresolved, packet.pts)
-            return True
+            return
         exhausted = True
-        return False
 
     def place(upto: int | None) -> None:
         """Give presentation indices to every read pts <= ``upto`` (all of them at the end)."""
@@ -140,11 +139,15 @@ def _planned(
             placed[pts] = (len(placed), sampler.take(float(pts * time_base)))
             last_placed = pts
 
+    last_out = -1
+
     def emit(frames):
+        nonlocal last_out
         for frame in frames:
             got = placed.get(frame.pts)
-            if got is None:
-                raise _Fallback  # a frame that is no packet's
+            if got is None or got[0] <= last_out:
+                raise _Fallback  # a frame that is no packet's, or out of presentation order
+            last_out = got[0]
             if got[1]:
                 yield got[0], frame
 
