@@ -1,11 +1,13 @@
 """Preprocessing efficiency that holds at scale: the Ray Data job against a plain loop, at two sizes.
 
-    python benchmarks/preprocess.py [--co3d-sequences 8] [--clips-per-sequence 8] [--webvid-videos 8]
+    python benchmarks/preprocess.py [--co3d-sequences 8] [--clips-per-sequence 8] [--webvid-videos 256]
+                                    [--webvid-rendered 8]
                                     [--scale 4] [--only co3d_zoedepth,...] [--modes plain,ray_1cpu,ray_2cpu]
                                     [--placement auto] [--repeats 1] [--cores 32] [--out DIR]
 
 For each configuration (CO3D with dataset depth, CO3D + the tiny random ZoeDepth, WebVid decode
-only; WebVid + SfM + ZoeDepth with ``--only``) the same clips are produced at N and at
+only; WebVid + SfM + ZoeDepth with ``--only``, and a smaller ``--webvid-videos``: SfM takes ~2 s
+a clip) the same clips are produced at N and at
 ``--scale`` x N clips (CO3D: clips per sequence; WebVid: the rendered clips listed again under
 new ids, videos symlinked), each run a fresh process:
 
@@ -301,7 +303,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--co3d-sequences", type=int, default=8, help="sequences per category (2 categories)")
     ap.add_argument("--clips-per-sequence", type=int, default=8, help="CO3D clips per sequence at size N")
-    ap.add_argument("--webvid-videos", type=int, default=8, help="WebVid clips at size N (rendered)")
+    ap.add_argument(
+        "--webvid-videos",
+        type=int,
+        default=256,
+        help="WebVid clips at size N (decoding is ~0.04 s a clip: fewer make runs of a few seconds)",
+    )
+    ap.add_argument(
+        "--webvid-rendered", type=int, default=8, help="WebVid clips rendered; the listed ones repeat them"
+    )
     ap.add_argument("--scale", type=int, default=4, help="the larger size is this many times N")
     ap.add_argument("--cores", type=int, default=32, help="node size of the efficiency projection")
     ap.add_argument("--out", default=None, help="scratch folder (default: a temporary one)")
@@ -337,7 +347,7 @@ def main() -> None:
                 "image_sizes": [[240, 320]],
             },
             "webvid": {
-                "num_videos": args.webvid_videos,
+                "num_videos": min(args.webvid_rendered, args.webvid_videos),
                 "height": 180,
                 "width": 320,
                 "fps": 24,
@@ -374,6 +384,7 @@ def main() -> None:
         },
         "webvid_decode_only": {
             "source": "webvid",
+            "samples_per_shard": 8,  # as CO3D's: 2-clip shards of 0.1 s of work measure Ray's per-task cost
             "estimate_poses": False,
             "estimate_depth": False,
             "webvid": {"target_fps": 8.0},
