@@ -163,8 +163,14 @@ def _child(mode: str, cpus: int, cfg_json: str) -> None:
         by_role = sampler.by_role()
         work, control = split_cpu(by_role)
         out["profile"] = {"wall_s": round(time.perf_counter() - t, 2), "cpu_s_by_process": by_role}
+        # worker processes that ran shards: a restarted worker re-imports (counted as work)
+        procs = sum(v["processes"] for k, v in by_role.items() if any(r in k for r in DATA_ROLES))
         out.update(
-            clips=s["clips_written"], steady=s["steady_clips_per_s"], work_cpu_s=work, control_cpu_s=control
+            clips=s["clips_written"],
+            steady=s["steady_clips_per_s"],
+            work_cpu_s=work,
+            control_cpu_s=control,
+            work_processes=procs,
         )
         t = time.perf_counter()
         ray.shutdown()
@@ -422,7 +428,11 @@ def main() -> None:
         row["repeats"] = args.repeats
         row["runs"] = {  # the medians' inputs, for a figure that looks wrong
             f"{m}@{rs[0]['clips']}": [
-                {k: round(r[k], 2) for k in ("wall_s", "cpu_s", "work_cpu_s", "control_cpu_s") if k in r}
+                {
+                    k: round(r[k], 2)
+                    for k in ("wall_s", "cpu_s", "work_cpu_s", "control_cpu_s", "work_processes")
+                    if k in r
+                }
                 for r in rs
             ]
             for (m, _), rs in runs.items()
