@@ -14,7 +14,8 @@ Correct by construction, not by assumption:
   come out (pts order), with the same rule, so it selects the frames the plain loop selects. A
   picture's decision waits until :data:`LOOKAHEAD` later packets are known (H.264 reorders at
   most 16 pictures, so every earlier-presented picture is known by then); a stream that breaks
-  that bound, or a decoder that does not return a kept frame, is decoded again the plain way.
+  that bound, or a decoder that returns frames out of presentation order or not every kept
+  one, is decoded again the plain way.
 - Streams this cannot reason about (not H.264 in length-prefixed (avcC) form, packets without
   pts, repeated pts, packets the demuxer marks to discard) are decoded the plain way from the
   start.
