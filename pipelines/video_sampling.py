@@ -111,72 +111,61 @@ def _planned(
     Raises :class:`_Fallback` (before yielding a wrong frame) where the stream is not as
     assumed."""
     ahead: deque = deque()
+    seen: set[int] = set()  # pts of every packet read
     unresolved: list[int] = []  # pts heap of packets read, not yet placed in presentation order
     placed: dict[int, tuple[int, bool]] = {}  # pts -> (presentation index, kept)
-    last_placed = None
-    exhausted = False
+    last_placed = -(2**63)  # placing runs in pts order: the largest pts placed
 
-    def read() -> None:
-        nonlocal exhausted
+    def read() -> bool:
+        """One more packet into ``ahead``; False at the end of the stream."""
         for packet in packets:
             if packet.size == 0:
                 continue
-            if packet.pts is None or packet.is_discard or packet.pts in placed:
+            if packet.pts is None or packet.is_discard or packet.pts in seen:
                 raise _Fallback
-            if last_placed is not None and packet.pts <= last_placed:
+            if packet.pts < last_placed:
                 raise _Fallback  # presented before a picture already placed: past LOOKAHEAD
-            if packet.pts in (p.pts for p in ahead):
-                raise _Fallback
+            seen.add(packet.pts)
             ahead.append(packet)
             heapq.heappush(unresolved, packet.pts)
-            return
-        exhausted = True
+            return True
+        return False
 
     def place(upto: int | None) -> None:
         """Give presentation indices to every read pts <= ``upto`` (all of them at the end)."""
         nonlocal last_placed
         while unresolved and (upto is None or unresolved[0] <= upto):
-            pts = heapq.heappop(unresolved)
-            placed[pts] = (len(placed), sampler.take(float(pts * time_base)))
-            last_placed = pts
+            last_placed = heapq.heappop(unresolved)
+            placed[last_placed] = (len(placed), sampler.take(float(last_placed * time_base)))
 
-    last_out = -1
+    def decoded() -> Iterator[Any]:
+        """The decoder's frames, the disposable pictures not kept never sent, then its drain."""
+        exhausted = False
+        while True:
+            while not exhausted and len(ahead) <= LOOKAHEAD:
+                exhausted = not read()
+            if not ahead:
+                break
+            packet = ahead.popleft()
+            place(None if exhausted else packet.pts)
+            if not placed[packet.pts][1] and is_disposable_h264(memoryview(packet), length_size):
+                stats["skipped"] += 1
+                continue
+            stats["sent"] += 1
+            yield from codec.decode(packet)
+        yield from codec.decode(None)
 
-    def emit(frames):
-        nonlocal last_out
-        for frame in frames:
-            got = placed.get(frame.pts)
-            if got is None or got[0] <= last_out:
-                raise _Fallback  # a frame that is no packet's, or out of presentation order
-            last_out = got[0]
-            if got[1]:
-                yield got[0], frame
-
-    kept = 0
-    while True:
-        while not exhausted and len(ahead) <= LOOKAHEAD:
-            read()
-        if not ahead:
-            break
-        packet = ahead.popleft()
-        place(None if exhausted else packet.pts)
-        index, keep = placed[packet.pts]
-        if not keep and sampler.done and kept == sampler.taken:
-            return
-        if not keep and is_disposable_h264(bytes(packet), length_size):
-            stats["skipped"] += 1
-            continue
-        stats["sent"] += 1
-        for item in emit(codec.decode(packet)):
+    kept, last_out = 0, -1
+    for frame in decoded():
+        got = placed.get(frame.pts)
+        if got is None or got[0] <= last_out:
+            raise _Fallback  # a frame that is no packet's, or out of presentation order
+        last_out = got[0]
+        if got[1]:
             kept += 1
-            yield item
+            yield got[0], frame
             if sampler.done and kept == sampler.taken:
                 return
-    for item in emit(codec.decode(None)):
-        kept += 1
-        yield item
-        if sampler.done and kept == sampler.taken:
-            return
     if kept != sampler.taken:
         raise _Fallback  # the decoder did not return a kept frame (a corrupt picture)
 

@@ -87,20 +87,22 @@ def clip_cameras(gen: torch.Generator, motion: str, num_frames: int, image_hw: t
     return Cameras(w2c, K, image_hw)
 
 
-def encode_h264(frames: np.ndarray, fps: int, crf: int) -> bytes:
+def encode_h264(frames: np.ndarray, fps: int, crf: int, x264_params: str = "") -> bytes:
     """``frames (N, H, W, 3)`` uint8 RGB -> H.264 mp4 bytes (PyAV's bundled libx264).
 
     MB-tree rate control is off: with it, libx264 (PyAV 18's) encodes the same frames into a
     different video from run to run (measured on a 160x96 clip: 9 different videos in 12
     encodes, decoded pixels up to 43 levels apart, with one thread or many; at 128x96 one
     video), and everything measured on the generated data (SfM's errors in the tests) would
-    change with it. With ``mbtree=0``: one video in 24 encodes, at 160x96 and 320x180."""
+    change with it. With ``mbtree=0``: one video in 24 encodes, at 160x96 and 320x180.
+    ``x264_params`` (``key=value:...``) are added to it (tests encode other GOP structures)."""
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "medium", "x264-params": "mbtree=0"}
+        params = "mbtree=0" + (f":{x264_params}" if x264_params else "")
+        stream.options = {"crf": str(crf), "preset": "medium", "x264-params": params}
         for arr in frames:
             for packet in stream.encode(
                 av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
