@@ -75,14 +75,13 @@ def sample_cost(
 
     from mvcustom.geometry.trajectories import orbit
     from mvcustom.inference.pipeline import InferenceOptions, MVCustomPipeline, ReferenceViews
-    from mvcustom.inference.sampler import ddim_scheduler
     from mvcustom.models.zoedepth import DepthEstimator, save_tiny_zoedepth
 
     torch.manual_seed(0)
     model = scaled_model(width).eval()
     with tempfile.TemporaryDirectory() as d:
         zoe = DepthEstimator(save_tiny_zoedepth(f"{d}/zoe"), device="cpu", input_size=hw)
-    pipe = MVCustomPipeline(model, ddim_scheduler(model.scheduler_config), zoe)
+    pipe = MVCustomPipeline(model, depth_estimator=zoe)
     pipe.set_progress_bar_config(disable=True)
     cams = orbit(frames, radius=2.0, span_deg=60, image_hw=hw)
     rng = np.random.default_rng(0)

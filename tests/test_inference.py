@@ -139,10 +139,10 @@ def test_hook_replaces_only_covered_tokens_and_only_while_active(scene_views):
 
 # ---------------------------------------------------------------------------- latent completion
 def test_latent_completion_changes_only_uncovered_latents():
-    from mvcustom.inference.sampler import ddim_scheduler
     from mvcustom.models.components import SD_SCHEDULER
+    from mvcustom.models.schedule import build_scheduler
 
-    sched = ddim_scheduler(SD_SCHEDULER)
+    sched = build_scheduler(SD_SCHEDULER)
     sched.set_timesteps(50)
     g = torch.Generator().manual_seed(0)
     latents, x0 = torch.randn(1, 4, 4, 8, 8, generator=g), torch.randn(1, 4, 4, 8, 8, generator=g)
@@ -170,13 +170,10 @@ def test_latent_completion_changes_only_uncovered_latents():
 @pytest.fixture(scope="module")
 def pipe():
     from mvcustom.inference.pipeline import MVCustomPipeline
-    from mvcustom.inference.sampler import ddim_scheduler
     from mvcustom.models import MVCustomModel
 
     model = MVCustomModel.tiny(seed=0)
-    pipe = MVCustomPipeline(
-        model, ddim_scheduler(model.scheduler_config), depth_estimator=lambda x: np.full(x.shape[:3], 2.0)
-    )
+    pipe = MVCustomPipeline(model, depth_estimator=lambda x: np.full(x.shape[:3], 2.0))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -321,3 +318,35 @@ def test_model_cpu_offload_runs_the_same_pipeline(pipe):
     assert not hasattr(offloaded.components["mvcustom"], "_hf_hook")  # kept on the device
     assert offloaded._execution_device.type == "cpu" and offloaded.model.device.type == "cpu"
     assert torch.allclose(run(offloaded).frames, base.frames, atol=1e-4)
+
+
+def test_depth_alignment_looks_from_the_anchor_camera(pipe, monkeypatch):
+    """The depth-scale search projects the first anchor's depth from *that anchor's* camera.
+    It used to index the anchors' cameras by frame index: ``anchors=(1, 2)`` searched from frame
+    2's camera and ``anchors=(3,)`` from an empty set of cameras."""
+    import mvcustom.inference.pipeline as pipeline_module
+    from mvcustom.geometry.camera import Cameras
+    from mvcustom.inference.pipeline import InferenceOptions
+
+    cams, refs = _path()
+    seen: list[Cameras] = []
+    real = pipeline_module.search_depth_scale
+
+    def spy(depth, camera, *args, **kwargs):
+        seen.append(camera)
+        return real(depth, camera, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "search_depth_scale", spy)
+    for anchors in ((1, 2), (3,)):
+        # threshold 0: the untrained FeatureNeRF's opacity marks every pixel, so the search runs
+        opts = InferenceOptions(
+            anchors=anchors, feature_rendering_steps=1, completion_until_step=1, opacity_threshold=0.0
+        )
+        out = pipe(
+            "a toy", cams, refs, num_inference_steps=2, options=opts, output_type="np", return_debug=True
+        )
+        assert out.debug[0]["depth_scale_source"] == "featurenerf median + mask search"
+        assert len(seen[-1]) == 1 and torch.equal(seen[-1].w2c, cams[anchors[0]].w2c), anchors
+    with pytest.raises(IndexError, match="camera index 4 out of range for 4 cameras"):
+        cams[4]
+    assert torch.equal(cams[-1].w2c, cams.w2c[3:])

@@ -22,11 +22,11 @@ from mvcustom.models.featurenerf import FeatureNeRF, gather_reference_features, 
 from mvcustom.models.mvcustom import ClipCameras, MVCustomConfig, MVCustomModel, References
 from mvcustom.models.objective import (
     diffusion_loss,
-    noise_scheduler,
     prediction_target,
     set_trainable,
     trainable_parameters,
 )
+from mvcustom.models.schedule import build_scheduler
 
 IMAGE = (64, 64)  # frames; latents 8x8
 
@@ -320,7 +320,9 @@ def test_gradients_reach_exactly_the_stage_parameters(tiny_model, stage):
             reference_extrinsics=ref.w2c,
             reference_intrinsics=ref.K,
         )
-    loss, figures = diffusion_loss(model, batch, noise_scheduler(model), stage, radius=1, generator=g)
+    loss, figures = diffusion_loss(
+        model, batch, build_scheduler(model.scheduler_config), stage, radius=1, generator=g
+    )
     loss.backward()
     got = {n for n, p in model.named_parameters() if p.grad is not None}
     assert got == trainable
@@ -369,7 +371,7 @@ def test_prediction_targets(kind):
 def test_v_prediction_model_trains(tiny_model):
     torch.manual_seed(0)
     model = MVCustomModel.tiny(MVCustomConfig(featurenerf_blocks=[]), prediction_type="v_prediction")
-    sched = noise_scheduler(model)
+    sched = build_scheduler(model.scheduler_config)
     assert sched.config.prediction_type == "v_prediction"
     params = set_trainable(model, "backbone")
     batch = {"frames": torch.rand(1, 2, 3, *IMAGE) * 2 - 1, "caption": "a clip"}

@@ -117,6 +117,28 @@ def test_batch_stream_fast_forward_continues_exactly(train_shards):
         assert got["key"] == expected["key"] and torch.equal(got["frames"], expected["frames"])
 
 
+def test_caption_dropout_trains_the_unconditional_prompt(train_shards):
+    """Classifier-free guidance samples with the empty prompt: training must see it. The share of
+    dropped captions follows ``data.caption_dropout``, the stream stays resumable, and the config
+    default is SD's 10 %."""
+    from mvcustom.configs.train import TrainConfig, TrainDataConfig
+
+    assert TrainConfig().data.caption_dropout == 0.1
+    with pytest.raises(ValueError, match="caption_dropout"):
+        TrainDataConfig(caption_dropout=1.0)
+    kw = dict(stage="backbone", batch_size=2, num_frames=2, height=64, width=64, seed=5, rank=0, world=1)
+    n = 100
+    for p in (0.0, 0.3):
+        stream = batch_stream(train_shards, caption_dropout=p, **kw)
+        captions = [c for _ in range(n // 2) for c in next(stream)["caption"]]
+        empty = sum(c == "" for c in captions)
+        assert empty == 0 if p == 0 else 15 <= empty <= 45, (p, empty)
+    full = batch_stream(train_shards, caption_dropout=0.3, **kw)
+    first = [next(full)["caption"] for _ in range(12)]
+    resumed = batch_stream(train_shards, caption_dropout=0.3, skip_batches=7, **kw)
+    assert [next(resumed)["caption"] for _ in range(5)] == first[7:]
+
+
 def test_select_frames():
     rng = random.Random(0)
     idx = select_frames(8, 4, rng)

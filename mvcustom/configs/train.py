@@ -32,6 +32,14 @@ class ModelConfig(ArchitectureConfig):
         motion_adapter: ``from_pretrained`` folder or hub id of the AnimateDiff motion adapter
             (``sd15`` only).
         prediction_type: ``epsilon`` (SD 1.5) or ``v_prediction``.
+        scheduler: further noise-schedule keys of diffusers' ``DDIMScheduler`` merged over the
+            base schedule when the model is built fresh (SD 1.5's for ``tiny``, the
+            ``pretrained`` folder's ``scheduler/`` for ``sd15``), e.g. ``{rescale_betas_zero_snr:
+            true, timestep_spacing: trailing}`` for a zero-terminal-SNR model (which needs
+            ``v_prediction``). Training draws its noise and inference samples from this one
+            schedule, saved with the export (``mvcustom.models.schedule``). A loaded model keeps
+            its saved schedule: a key here that differs from it is refused. An unknown key is
+            refused when the model is built.
         stt_radius_schedule: progressive dense spatio-temporal attention: ``[[step, radius], ...]``
             (radius in latent pixels of each motion module's map; -1 = full feature map); the
             radius in force at a step is the last entry whose step is <= it.
@@ -45,6 +53,7 @@ class ModelConfig(ArchitectureConfig):
     pretrained: str | None = None
     motion_adapter: str | None = None
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    scheduler: dict = field(default_factory=dict)
     stt_radius_schedule: list[tuple[int, int]] = field(
         default_factory=lambda: [(0, 0), (1000, 1), (3000, 2), (6000, -1)]
     )
@@ -64,6 +73,10 @@ class ModelConfig(ArchitectureConfig):
         check(
             self.stage2_stt_radius is None or self.stage2_stt_radius >= -1,
             "model.stage2_stt_radius must be >= 0 or -1 (full), or null",
+        )
+        check(
+            "prediction_type" not in self.scheduler,
+            "set the prediction type with model.prediction_type, not model.scheduler.prediction_type",
         )
         check(
             self.size == "tiny" or self.pretrained is not None,
@@ -166,6 +179,17 @@ class TrainDataConfig:
             frames (CD360 uses 5).
         prompt_template: stage 1 prompt; ``{caption}``, ``{category}``, ``{token}`` are filled in.
         prompt_template_customize: stage 2 prompt (the subject token with its class word).
+        frame_selection: which frames of a clip make a stage-1 example. ``window``: evenly
+            spread over a random window of the clip, in clip order (video). ``anchored_random``:
+            the clip's first frame, then the other frames drawn at random in random order: the
+            later frames are no longer a fixed temporal pattern, so only their cameras say which
+            view each is (a multi-view objective), while the first frame fixes the world the
+            cameras are expressed in (the camera encoder sees poses relative to it).
+        caption_dropout: probability that a training example's prompt is replaced by the empty
+            prompt (both stages), so the unconditional branch that classifier-free guidance
+            samples with at inference (the empty negative prompt, and the FeatureNeRF under it)
+            is trained too. SD and AnimateDiff train with 0.1. Drawn from the seeded example
+            stream, so a resumed run drops the same captions.
         subject_init_word: stage 2: the word whose embedding initialises the subject token
             (``null``: random).
         min_rotation_deg: drop clips whose preprocessing-recorded camera rotation is smaller
@@ -185,6 +209,8 @@ class TrainDataConfig:
     num_references: int = 5
     prompt_template: str = "{caption}"
     prompt_template_customize: str = "a photo of {token} {category}"
+    frame_selection: Literal["window", "anchored_random"] = "window"
+    caption_dropout: float = 0.1
     subject_init_word: str | None = None
     min_rotation_deg: float = 0.0
     subject: str | None = None
@@ -196,6 +222,7 @@ class TrainDataConfig:
         check(self.max_bad_samples >= 0, "data.max_bad_samples must be >= 0")
         check(self.num_references >= 1, "data.num_references must be >= 1")
         check(self.min_rotation_deg >= 0, "data.min_rotation_deg must be >= 0")
+        check(0 <= self.caption_dropout < 1, "data.caption_dropout must be in [0, 1)")
 
 
 @dataclass

@@ -90,8 +90,12 @@ class Cameras:
         return self.w2c.shape[0]
 
     def __getitem__(self, idx) -> Cameras:
-        if isinstance(idx, int):
-            idx = slice(idx, idx + 1) if idx != -1 else slice(-1, None)
+        if isinstance(idx, int):  # one camera, still a Cameras of length 1
+            n = len(self)
+            if not -n <= idx < n:
+                raise IndexError(f"camera index {idx} out of range for {n} cameras")
+            idx = idx % n
+            idx = slice(idx, idx + 1)
         return Cameras(self.w2c[idx], self.K[idx], self.image_hw[idx])
 
     @staticmethod

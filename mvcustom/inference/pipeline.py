@@ -38,8 +38,9 @@ from mvcustom.inference.feature_rendering import (
     search_depth_scale,
 )
 from mvcustom.inference.latent_completion import complete_latents
-from mvcustom.inference.sampler import ddim_sample, ddim_scheduler
+from mvcustom.inference.sampler import ddim_sample
 from mvcustom.models.mvcustom import ClipCameras, MVCustomModel, References, spatial_transformer_blocks
+from mvcustom.models.schedule import build_scheduler, check_same_schedule
 
 Tensor = torch.Tensor
 
@@ -114,8 +115,9 @@ class InferenceOptions:
 
 @dataclass
 class MVCustomOutput:
-    """``frames``: PIL images per clip, ``(B, F, H, W, 3)`` uint8 array or ``(B, F, 3, H, W)``
-    tensor in ``[-1, 1]``, by ``output_type``. ``debug``: per clip, what the strategies saw
+    """``frames``: PIL images per clip, ``(B, F, H, W, 3)`` uint8 array, ``(B, F, 3, H, W)``
+    tensor in ``[-1, 1]`` or, for ``output_type="latent"``, the final latents ``(B, F, C, h, w)``
+    (VAE-scaled, not decoded), by ``output_type``. ``debug``: per clip, what the strategies saw
     (anchor depth, coverage masks, covered fraction, depth scale and how it was found)."""
 
     frames: object
@@ -125,6 +127,9 @@ class MVCustomOutput:
 class MVCustomPipeline(DiffusionPipeline):
     """See the module docstring. ``depth_estimator``: ``frames (N, H, W, 3) uint8 -> (N, H, W)``
     depth (a :class:`mvcustom.models.zoedepth.DepthEstimator`; any callable, e.g. ground truth).
+    ``scheduler``: ``None`` (the default) samples on the model's own schedule, the one training
+    drew its noise from (:func:`mvcustom.models.schedule.build_scheduler`); a scheduler passed in
+    must have the same noise levels and prediction type, or it is refused.
 
     Its ``components`` are the model's parts (``vae``, ``text_encoder``, ``tokenizer``, ``unet``,
     ``mvcustom``: the :class:`~mvcustom.models.mvcustom.MVCustomAdditions`, ``scheduler``), so
@@ -136,8 +141,12 @@ class MVCustomPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _exclude_from_cpu_offload = ["mvcustom"]
 
-    def __init__(self, model: MVCustomModel, scheduler, depth_estimator: Callable | None = None):
+    def __init__(self, model: MVCustomModel, scheduler=None, depth_estimator: Callable | None = None):
         super().__init__()
+        if scheduler is None:
+            scheduler = build_scheduler(model.scheduler_config)
+        else:
+            check_same_schedule(scheduler, model.scheduler_config)
         model.eval()  # FeatureNeRF samples its rays stratified (randomly) in training mode
         self.register_modules(model=model, scheduler=scheduler)
         self.depth_estimator = depth_estimator
@@ -164,7 +173,7 @@ class MVCustomPipeline(DiffusionPipeline):
             from mvcustom.models.zoedepth import DepthEstimator
 
             depth = DepthEstimator(depth_model, device=device)
-        pipe = cls(model, ddim_scheduler(model.scheduler_config), depth)
+        pipe = cls(model, depth_estimator=depth)
         return pipe.to(device) if device is not None else pipe
 
     def save_pretrained(self, path: str) -> None:
@@ -226,11 +235,10 @@ class MVCustomPipeline(DiffusionPipeline):
             progress=self.progress_bar,
         )
 
-    def _anchor_depth(
-        self, images: np.ndarray, renders: dict, refs: ReferenceViews | None, anchors, cams, opts
-    ):
-        """ZoeDepth of the anchors, scaled into the cameras' world units; returns the depth and how
-        the scale was found."""
+    def _anchor_depth(self, images: np.ndarray, renders: dict, refs: ReferenceViews | None, cams, opts):
+        """ZoeDepth of the anchors (``images``, one per camera of ``cams``: the anchor frames'
+        cameras, in the order of ``options.anchors``), scaled into the cameras' world units;
+        returns the depth and how the scale was found. The scale is aligned on the first anchor."""
         if self.depth_estimator is None:
             raise ValueError(
                 "feature rendering needs a depth estimator: pass depth_model= to from_pretrained "
@@ -258,10 +266,9 @@ class MVCustomPipeline(DiffusionPipeline):
         scale = median_scale(depth, nerf_depth, subject)
         info.update(depth_scale_source="featurenerf median", depth_scale=scale, median_scale=scale)
         if refs is not None and refs.masks is not None and opts.depth_scale_search > 0:
-            a = anchors[0]
             s, _, scores = search_depth_scale(
                 depth[0],
-                cams[a],
+                cams[0],  # the first anchor's camera (cams holds the anchors' cameras only)
                 subject[0],
                 refs.cameras,
                 torch.from_numpy(refs.masks),
@@ -306,8 +313,8 @@ class MVCustomPipeline(DiffusionPipeline):
                     f"that are multiples of {self.model.vae_scale * 2 ** (len(self.model.unet.config.block_out_channels) - 1)} (e.g. 256x384)"
                 )
             h, w = -(-h // 2), -(-w // 2)
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be pil, np or pt, got {output_type!r}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
         if opts.feature_rendering and not all(0 <= a < len(cameras) for a in opts.anchors):
             raise ValueError(f"anchors {list(opts.anchors)} must be frame indices below {len(cameras)}")
         if opts.anchor_steps is not None and not 1 <= opts.anchor_steps <= num_inference_steps:
@@ -319,10 +326,15 @@ class MVCustomPipeline(DiffusionPipeline):
             latents, info = self._generate(
                 p, cameras, references, num_inference_steps, guidance_scale, negative_prompt, generator, opts
             )
-            clips.append(self.model.decode_latents(latents.to(self.model.dtype)).float().clamp(-1, 1).cpu())
+            if output_type == "latent":
+                clips.append(latents.float().cpu())
+            else:
+                clips.append(
+                    self.model.decode_latents(latents.to(self.model.dtype)).float().clamp(-1, 1).cpu()
+                )
             debug.append(info)
         frames = torch.cat(clips)
-        if output_type == "pt":
+        if output_type in ("pt", "latent"):
             out = frames
         else:
             arr = ((frames + 1) * 127.5).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
@@ -366,9 +378,7 @@ class MVCustomPipeline(DiffusionPipeline):
         )
         images = model.decode_latents(anchor_latents.to(model.dtype)).float().clamp(-1, 1)
         images = ((images[0] + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        depth, info = self._anchor_depth(
-            images, last_a.get("renders", {}), refs, anchors, cameras[anchors], opts
-        )
+        depth, info = self._anchor_depth(images, last_a.get("renders", {}), refs, cameras[anchors], opts)
 
         # 2. the main pass with feature rendering, anchor replay and latent completion
         renderer = FeatureRenderer(

@@ -1,8 +1,9 @@
 """A readable DDIM sampling loop that takes the denoiser as an argument (DESIGN.md §6.5).
 
 ``denoise(latents, t) -> prediction`` is any callable (the model with its conditioning bound,
-classifier-free guidance applied by the caller); the scheduler (diffusers ``DDIMScheduler``)
-turns predictions into the next latents. ``step_hook(i, t_next, latents, x0) -> latents`` lets
+classifier-free guidance applied by the caller); the scheduler (diffusers ``DDIMScheduler``, built
+from the model's own schedule by :func:`mvcustom.models.schedule.build_scheduler`, the function
+training draws its noise with) turns predictions into the next latents. ``step_hook(i, t_next, latents, x0) -> latents`` lets
 inference strategies (anchor replay, latent completion) intervene between steps without forking
 the loop.
 """
@@ -14,13 +15,6 @@ from collections.abc import Callable
 import torch
 
 Tensor = torch.Tensor
-
-
-def ddim_scheduler(scheduler_config: dict):
-    from diffusers import DDIMScheduler
-
-    keys = DDIMScheduler.__init__.__code__.co_varnames
-    return DDIMScheduler(**{k: v for k, v in scheduler_config.items() if k in keys})
 
 
 def predict_x0(scheduler, sample: Tensor, prediction: Tensor, timestep) -> Tensor:

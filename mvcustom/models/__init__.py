@@ -11,6 +11,7 @@ from mvcustom.models.mvcustom import (
     References,
     is_export,
 )
+from mvcustom.models.schedule import build_scheduler, clean_scheduler_config
 
 __all__ = [
     "ClipCameras",
@@ -20,6 +21,7 @@ __all__ = [
     "MVCustomModel",
     "References",
     "build_model",
+    "build_scheduler",
     "is_export",
 ]
 
@@ -51,16 +53,32 @@ def build_model(
         model = MVCustomModel.from_pretrained(
             source, dtype, arch.subject_tokens, arch.subject_init_words, architecture=cfg
         )
-        saved = model.scheduler_config.get("prediction_type")
-        if saved != cfg.prediction_type:
-            raise ValueError(
-                f"model.prediction_type={cfg.prediction_type!r} conflicts with the model loaded from "
-                f"{source} (trained for {saved!r}); set model.prediction_type to {saved!r}"
-            )
+        _check_saved_schedule(model, cfg, source)
         return model
     if cfg.size == "tiny":
         model = MVCustomModel.tiny(arch, prediction_type=cfg.prediction_type)
     else:
         model = MVCustomModel.from_sd15(cfg.pretrained, cfg.motion_adapter, arch, dtype)
-        model.scheduler_config["prediction_type"] = cfg.prediction_type
+    model.scheduler_config = clean_scheduler_config(
+        {**model.scheduler_config, **wanted_schedule(cfg)}, "model.prediction_type / model.scheduler"
+    )
     return model.to(dtype) if dtype is not None else model
+
+
+def wanted_schedule(cfg) -> dict:
+    """The scheduler keys a :class:`mvcustom.configs.train.ModelConfig` sets (``prediction_type``
+    and the ``scheduler`` overrides)."""
+    return {"prediction_type": cfg.prediction_type, **cfg.scheduler}
+
+
+def _check_saved_schedule(model: MVCustomModel, cfg, source: str) -> None:
+    """A loaded model keeps the schedule it was trained on: a config asking for another is refused."""
+    for key, want in wanted_schedule(cfg).items():
+        have = model.scheduler_config.get(key)
+        if have != want:
+            name = "model.prediction_type" if key == "prediction_type" else f"model.scheduler.{key}"
+            raise ValueError(
+                f"{name}={want!r} conflicts with the model loaded from {source} (trained with "
+                f"{key}={have!r}): a model is sampled and trained further on the schedule it was trained "
+                f"on; set {name} to {have!r}"
+            )

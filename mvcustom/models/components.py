@@ -171,13 +171,9 @@ def load_components(
     try:
         from diffusers import DDIMScheduler
 
-        scheduler.update(
-            {
-                k: v
-                for k, v in DDIMScheduler.load_config(pretrained, subfolder="scheduler").items()
-                if k in SD_SCHEDULER
-            }
-        )
+        # every key of the folder's schedule (PNDM's or DDIM's): MVCustomModel checks them
+        # (mvcustom.models.schedule), so none is silently dropped
+        scheduler.update(DDIMScheduler.load_config(pretrained, subfolder="scheduler"))
     except OSError:
         logging.getLogger(__name__).warning(
             "%s has no scheduler/ config; using Stable Diffusion 1.5's DDIM settings", pretrained

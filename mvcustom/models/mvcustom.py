@@ -43,6 +43,7 @@ from mvcustom.models.attention import SpatioTemporalAttnProcessor
 from mvcustom.models.camera_encoder import CameraEncoder, clip_plucker, relative_to_first
 from mvcustom.models.components import Components, load_components, tiny_components
 from mvcustom.models.featurenerf import FeatureNeRF, RenderOutput
+from mvcustom.models.schedule import build_scheduler, clean_scheduler_config
 from mvcustom.models.text import TEXT_INVERSION_FILE, SubjectEmbedding, add_subject_tokens
 
 Tensor = torch.Tensor
@@ -308,7 +309,9 @@ class MVCustomModel(nn.Module):
         self.vae = components.vae
         self.text_encoder = components.text_encoder
         self.tokenizer = components.tokenizer
-        self.scheduler_config = dict(components.scheduler)
+        # the schedule the model is trained and sampled on (mvcustom.models.schedule): checked
+        # here, so a config that sampling would misread fails when the model is built
+        self.scheduler_config = clean_scheduler_config(components.scheduler)
         self._state = _State()
         # The tokenizer is saved without the subject tokens; loading re-adds them together with
         # the text encoder's matching rows (one code path for fresh and loaded models).
@@ -392,7 +395,6 @@ class MVCustomModel(nn.Module):
         token; :meth:`from_pretrained` reads all of it.
         """
         import diffusers
-        from diffusers import DDIMScheduler
 
         from mvcustom.models.text import save_textual_inversion, subject_vectors
 
@@ -417,7 +419,7 @@ class MVCustomModel(nn.Module):
             with _base_text_encoder(self.text_encoder) as base:
                 base.save_pretrained(os.path.join(local, "text_encoder"))
             self._base_tokenizer.save_pretrained(os.path.join(local, "tokenizer"))
-            DDIMScheduler.from_config(self.scheduler_config).save_pretrained(os.path.join(local, "scheduler"))
+            build_scheduler(self.scheduler_config).save_pretrained(os.path.join(local, "scheduler"))
             self._additions.save_pretrained(os.path.join(local, ADDITIONS))
             tokens = list(subject_vectors(self.tokenizer, self.text_encoder))
             for i, token in enumerate(tokens):
@@ -463,13 +465,15 @@ class MVCustomModel(nn.Module):
                 cfg.subject_init_words = list(subject_init_words or [])
                 cfg.__post_init__()
             kw = {"torch_dtype": dtype} if dtype is not None else {}
-            scheduler = dict(DDIMScheduler.load_config(local, subfolder="scheduler"))
+            scheduler = clean_scheduler_config(
+                DDIMScheduler.load_config(local, subfolder="scheduler"), f"{path}/scheduler"
+            )
             components = Components(
                 unet=UNetMotionModel.from_pretrained(local, subfolder="unet", **kw),
                 vae=AutoencoderKL.from_pretrained(local, subfolder="vae", **kw),
                 text_encoder=CLIPTextModel.from_pretrained(local, subfolder="text_encoder", **kw),
                 tokenizer=CLIPTokenizer.from_pretrained(local, subfolder="tokenizer"),
-                scheduler={k: v for k, v in scheduler.items() if not k.startswith("_")},
+                scheduler=scheduler,
             )
             model = cls(components, cfg)
             state = load_file(os.path.join(local, ADDITIONS, ADDITIONS_WEIGHTS))

@@ -176,18 +176,3 @@ def featurenerf_losses(renders: dict[int, RenderOutput], mask: Tensor, frames: T
         "bg_alpha": torch.stack(bg_terms).mean(),
         "rgb": torch.stack(rgb_terms).mean(),
     }
-
-
-def noise_scheduler(model: MVCustomModel):
-    """The training noise scheduler (DDPM) with the model's schedule and prediction type."""
-    from diffusers import DDPMScheduler
-
-    keys = (
-        "num_train_timesteps",
-        "beta_start",
-        "beta_end",
-        "beta_schedule",
-        "prediction_type",
-        "clip_sample",
-    )
-    return DDPMScheduler(**{k: v for k, v in model.scheduler_config.items() if k in keys})

@@ -254,6 +254,13 @@ def select_frames(num_available: int, num: int, rng: random.Random) -> list[int]
     return [start + i * stride for i in range(num)]
 
 
+def select_anchored_frames(num_available: int, num: int, rng: random.Random) -> list[int]:
+    """Frame 0, then ``num - 1`` other frames of the clip drawn at random, in random order."""
+    if num_available < num:
+        raise ValueError(f"clip has {num_available} frames, {num} needed (lower clip.num_frames)")
+    return [0, *rng.sample(range(1, num_available), num - 1)]
+
+
 def resize_sample(sample: dict, height: int, width: int) -> dict:
     """Resize frames/masks/depth to ``height x width`` (no crop: shards already have the aspect)
     and scale the intrinsics exactly (corner-origin pixels: ``K' = diag(sx, sy, 1) K``)."""
@@ -289,8 +296,13 @@ def make_example(
     num_references: int = 0,
     subject_token: str = "",
     prompt_template: str = "{caption}",
+    caption_dropout: float = 0.0,
+    frame_selection: str = "window",
 ) -> dict:
-    """One training example (unbatched) from one decoded shard sample."""
+    """One training example (unbatched) from one decoded shard sample (stage 1's frames chosen
+    by ``frame_selection``: :func:`select_frames` or :func:`select_anchored_frames`); with probability
+    ``caption_dropout`` its prompt is the empty one (classifier-free guidance's unconditional
+    branch)."""
     sample = resize_sample(sample, height, width)
     meta = sample.get("meta", {})
     n = sample["frames"].shape[0]
@@ -309,12 +321,18 @@ def make_example(
                 if k in ("frames", "intrinsics", "extrinsics", "mask")
             }
         )
-    else:
+    elif frame_selection == "anchored_random":
+        ex = _take(sample, select_anchored_frames(n, num_frames, rng))
+    elif frame_selection == "window":
         ex = _take(sample, select_frames(n, num_frames, rng))
+    else:
+        raise ValueError(f"frame_selection must be window or anchored_random, got {frame_selection!r}")
     category = meta.get("category") or ""
     ex["caption"] = prompt_template.format(
         caption=sample.get("caption", ""), token=subject_token, category=category
     ).strip()
+    if caption_dropout > 0 and rng.random() < caption_dropout:
+        ex["caption"] = ""
     ex["key"] = sample.get("key", "")
     return ex
 
@@ -349,6 +367,8 @@ def batch_stream(
     max_bad_samples: int = 16,
     stats: dict | None = None,
     subject: str | None = None,
+    caption_dropout: float = 0.0,
+    frame_selection: str = "window",
 ) -> Iterator[dict]:
     """Endless micro-batches for one rank; ``skip_batches`` fast-forwards a resumed run.
 
@@ -363,7 +383,17 @@ def batch_stream(
         if min_rotation_deg > 0 and motion.get("max_rotation_deg", float("inf")) < min_rotation_deg:
             continue
         ex = make_example(
-            sample, stage, num_frames, height, width, rng, num_references, subject_token, prompt_template
+            sample,
+            stage,
+            num_frames,
+            height,
+            width,
+            rng,
+            num_references,
+            subject_token,
+            prompt_template,
+            caption_dropout,
+            frame_selection,
         )
         batch.append(ex)
         if len(batch) == batch_size:

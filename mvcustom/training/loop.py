@@ -27,7 +27,8 @@ import torch
 from mvcustom.configs.base import to_dict
 from mvcustom.models import build_model
 from mvcustom.models.attention import radius_at
-from mvcustom.models.objective import noise_scheduler, set_trainable
+from mvcustom.models.objective import set_trainable
+from mvcustom.models.schedule import build_scheduler
 from mvcustom.training.context import TrainContext
 from mvcustom.training.data import batch_stream
 from mvcustom.training.engine import TrainStep, build_engine
@@ -158,7 +159,10 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
     model = _build(cfg)
     params = set_trainable(model, cfg.stage)
     engine = build_engine(
-        TrainStep(model, cfg.stage, noise_scheduler(model), cfg.loss), params, cfg, ctx.device
+        TrainStep(model, cfg.stage, build_scheduler(model.scheduler_config), cfg.loss),
+        params,
+        cfg,
+        ctx.device,
     )
     harden_checkpoint_loading(engine)  # resume reads checkpoints with weights_only=True
     held: list = []
@@ -191,6 +195,8 @@ def train_loop(cfg, ctx: TrainContext, tracker=None) -> dict:
         max_bad_samples=cfg.data.max_bad_samples,
         stats=data_stats,
         subject=cfg.data.subject if customize else None,
+        caption_dropout=cfg.data.caption_dropout,
+        frame_selection=cfg.data.frame_selection,
     )
     figures: dict = {}
     state_mib: float | None = None  # optimizer state exists (and stays this size) after step 1
@@ -322,7 +328,7 @@ def progress_line(done: int, step: int, max_steps: int, loss: float, seconds: fl
 def sample_grid(model, batch: dict, cfg, radius: int):
     """A few-step DDIM sample of the first clip of ``batch`` (its prompt and cameras) above the
     real frames, as a uint8 grid. Runs on every rank (ZeRO-3 gathers weights collectively)."""
-    from mvcustom.inference.sampler import ddim_sample, ddim_scheduler, video_grid
+    from mvcustom.inference.sampler import ddim_sample, video_grid
     from mvcustom.models import ClipCameras, References
 
     was_training = model.training
@@ -346,7 +352,7 @@ def sample_grid(model, batch: dict, cfg, radius: int):
     generator = torch.Generator(device=frames.device).manual_seed(cfg.seed)
     latents = ddim_sample(
         lambda x, t: model(x, t, text, cams, refs, radius=radius).sample,
-        ddim_scheduler(model.scheduler_config),
+        build_scheduler(model.scheduler_config),
         (1, Fr, model.unet.config.in_channels, H // scale, W // scale),
         cfg.sample_steps,
         generator=generator,
