@@ -51,6 +51,23 @@ def test_paper_configs_differ_from_ours_only_by_the_camera_encoder():
         assert ours["model.camera_encoder"] and not paper["model.camera_encoder"]
 
 
+def test_at_scale_evaluation_scores_consistency_and_identity_with_dreamsim():
+    """The paper's metric for multi-view consistency and identity is DreamSim: the at-scale
+    evaluation config asks for it explicitly (with the weights folder the user provides), so a
+    GPU run is never silently scored by the labelled CLIP fallback."""
+    from mvcustom.configs import EvaluateConfig
+
+    path = CONFIG_DIR / "evaluate_sd15.yaml"
+    declared = yaml.safe_load(path.read_text())["metric_models"]
+    assert declared.get("distance") == "dreamsim", declared
+    assert declared.get("dreamsim"), "the YAML must name the DreamSim weights folder the user fills"
+    cfg = load_config(EvaluateConfig, path)
+    assert cfg.metric_models.distance == "dreamsim" and cfg.metric_models.dreamsim_type == "ensemble"
+    # clearing the weights is refused at load, not turned into the CLIP fallback
+    with pytest.raises(ConfigError, match="needs metric_models.dreamsim"):
+        load_config(EvaluateConfig, path, ["metric_models.dreamsim=null"])
+
+
 def test_every_job_has_a_debug_preset():
     for cls in JOB_CONFIGS.values():
         assert "debug" in cls.PRESETS

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -173,6 +174,9 @@ def test_evaluation_job_generates_scores_reports_and_resumes(
         assert r.subject_category in ("car", "teddybear") and "<sks>" not in r.text_alignment_prompt
         assert r.text_alignment_prompt == class_word_prompt(r.prompt, r.subject_category)
     assert (ok.colmap_points >= 0).all() and ok.peak_gpu_memory_gib.isna().all()  # CPU: no GPU figure
+    # a model saved without a training record samples at -1, stated per sample and for the run
+    assert (ok.stt_radius == -1).all() and ok.stt_radius_source.str.startswith("default -1 (no ").all()
+    assert first["stt_radius"] == -1 and first["stt_radius_source"].startswith("default -1 (no ")
     # 32x32 frames of a random model do not reconstruct: scored 0 and flagged, not dropped
     assert (ok.pose_accuracy[ok.pose_failed] == 0).all()
     assert pose_zero == int(ok.pose_failed.sum())
@@ -196,6 +200,7 @@ def test_evaluation_job_generates_scores_reports_and_resumes(
     client = mlflow.MlflowClient(uri)
     run = client.get_run(first["mlflow_run_id"])
     assert {"mvcustom/pose_accuracy_mean", "plain/identity_mean", "scored"} <= set(run.data.metrics)
+    assert run.data.params["stt_radius_used"] == "-1" and run.data.params["sampling.stt_radius"] == "None"
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"results.parquet", "aggregate.csv", "report", "samples", "results_table.json"} <= arts
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
@@ -235,6 +240,131 @@ def test_evaluation_job_generates_scores_reports_and_resumes(
         evaluate([*argv, "--set", f"model={tmp_path / 'model2'}"])
     with pytest.raises(ValueError, match="sampling.num_inference_steps"):
         evaluate([*argv, "--set", "sampling.num_inference_steps=3"])
+
+
+def test_evaluation_samples_at_the_radius_the_model_was_trained_at(train_shards, tmp_path, monkeypatch):
+    """A stage 1 stopped before its radius schedule ends exports a model trained up to radius 1
+    (its ``mvcustom_training.json``, here in object storage: memory:// stands in for s3://): the
+    evaluation samples at 1 unless ``sampling.stt_radius`` overrides it; a folder without the
+    record samples at -1 and says so. Checked at what reaches the pipeline and in the results."""
+    import fsspec
+
+    from mvcustom.configs import EvaluateConfig, from_dict
+    from mvcustom.configs.base import to_dict
+    from mvcustom.inference.pipeline import MVCustomOutput, MVCustomPipeline
+    from mvcustom.models import MVCustomModel
+    from mvcustom.models.mvcustom import MVCustomConfig
+    from mvcustom.training.loop import TRAINING_RECORD
+    from pipelines.evaluation.generate import GenerateSamples
+    from pipelines.evaluation.job import eval_fingerprint
+
+    model = MVCustomModel.tiny(MVCustomConfig(subject_tokens=["<sks>"], subject_init_words=["toy"]), seed=0)
+    model.save_pretrained(str(tmp_path / "plain"))  # weights saved by hand: no training record
+    memory = fsspec.filesystem("memory")
+    memory.put(f"{tmp_path / 'plain'}/", "/evaluate-radius/export", recursive=True)
+    export = "memory://evaluate-radius/export"
+    with fsspec.open(f"{export}/{TRAINING_RECORD}", "w") as f:  # what export_model writes
+        json.dump({"stage": "backbone", "steps": 3, "final_stt_radius": 1}, f)
+    spec = {
+        "subjects": [{"name": "teddy", "shards": train_shards, "num_references": 2}],
+        "prompts": ["a photo of a <sks> teddybear"],
+        "trajectories": [{"name": "arc", "kind": "arc", "span_deg": 40, "num_frames": 2}],
+        "seeds": [0],
+        "variants": {"main": {}, "r0": {"radius": 0}},  # a variant's radius wins over both
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    rows = load_spec(str(tmp_path / "spec.yaml"), 2)
+    radii = []
+
+    def spy(self, prompt, cameras, refs, *, options, **kwargs):
+        # the options the pipeline is called with; the frames of a real call cost seconds of
+        # UNet each and say nothing about the radius (the end-to-end test above generates)
+        radii.append(options.radius)
+        frames = np.zeros((1, len(cameras), *cameras.image_hw[0].tolist(), 3), np.uint8)
+        return MVCustomOutput(frames, [{}])
+
+    monkeypatch.setattr(MVCustomPipeline, "__call__", spy)
+
+    def config(model: str, **sampling):
+        raw = to_dict(EvaluateConfig.debug())
+        raw["sampling"].update(sampling)
+        return from_dict(EvaluateConfig, {**raw, "model": model, "output": str(tmp_path / "eval")}, "test")
+
+    def generate(cfg) -> list[tuple]:
+        radii.clear()
+        gen = GenerateSamples(to_dict(cfg))
+        metas = [gen.generate(row) for row in rows]
+        assert radii == [m["stt_radius"] for m in metas]  # what reached the pipeline, per sample
+        return [(m["variant"], m["stt_radius"], m["stt_radius_source"]) for m in metas]
+
+    assert generate(config(export)) == [("main", 1, TRAINING_RECORD), ("r0", 0, "variant option radius")]
+    assert generate(config(export, stt_radius=-1)) == [
+        ("main", -1, "sampling.stt_radius"),
+        ("r0", 0, "variant option radius"),
+    ]
+    fallback = f"default -1 (no {TRAINING_RECORD} in the model folder)"
+    assert generate(config(str(tmp_path / "plain")))[0] == ("main", -1, fallback)
+    # resuming compares the radius used, not how it was asked for
+    assert eval_fingerprint(config(export)) == eval_fingerprint(config(export, stt_radius=1))
+    assert eval_fingerprint(config(export)) != eval_fingerprint(config(export, stt_radius=-1))
+    # a record that cannot be read is refused by name before any sample, never taken as -1
+    with fsspec.open(f"{export}/{TRAINING_RECORD}", "w") as f:
+        json.dump({"stage": "backbone", "final_stt_radius": "full"}, f)
+    with pytest.raises(
+        ValueError, match=r"export/mvcustom_training.json: final_stt_radius must be an integer"
+    ):
+        GenerateSamples(to_dict(config(export)))
+    with pytest.raises(ConfigError, match=r"sampling.stt_radius must be >= 0, -1 .* or null"):
+        config(export, stt_radius=-2)
+    memory.rm("/evaluate-radius", recursive=True)
+
+
+def test_report_and_aggregate_name_the_stt_radius_of_the_samples(tmp_path):
+    import pandas as pd
+
+    from pipelines.evaluation.report import write_report
+    from pipelines.evaluation.score import METRICS, aggregate
+
+    traj = json.dumps({"kind": "arc", "name": "arc"})
+    base = {
+        "status": "scored",
+        "prompt": "p",
+        "trajectory": traj,
+        "generate_seconds": 1.0,
+        "peak_gpu_memory_gib": None,
+        **dict.fromkeys(METRICS, 0.5),
+    }
+    results = pd.DataFrame(
+        [
+            {
+                **base,
+                "sample_id": "a",
+                "variant": "main",
+                "stt_radius": 1,
+                "stt_radius_source": "mvcustom_training.json",
+            },
+            {
+                **base,
+                "sample_id": "b",
+                "variant": "r0",
+                "stt_radius": 0,
+                "stt_radius_source": "variant option radius",
+            },
+            {
+                "sample_id": "c",
+                "variant": "main",
+                "status": "generation_failed",
+                "prompt": "p",
+                "trajectory": traj,
+            },
+        ]
+    )
+    table = aggregate(results)
+    overall = table[table.level == "all"]
+    assert dict(zip(overall.variant, overall.stt_radius, strict=True)) == {"main": "1", "r0": "0"}
+    page = Path(write_report(str(tmp_path / "out"), results, table)).read_text()
+    assert "STT radius: 0 (variant option radius); 1 (mvcustom_training.json)." in page
+    assert "STT radius 1" in page
 
 
 def test_model_identity_hashes_each_local_file_once_per_change(tmp_path):

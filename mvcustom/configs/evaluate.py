@@ -25,7 +25,13 @@ class SamplingConfig:
         feature_rendering: depth-aware feature rendering (and the anchor pass) on/off.
         anchor_steps: DDIM steps of the anchor pass (``null``: num_inference_steps; fewer replays
             the anchors through the forward process, ``InferenceOptions.anchor_steps``).
-        stt_radius: STT radius at inference (-1 = whole feature map, where training ends).
+        stt_radius: STT radius at inference (-1 = the whole feature map). ``null`` (default):
+            the radius the model was trained at, ``final_stt_radius`` of the
+            ``mvcustom_training.json`` every training export writes beside its weights (a stage
+            1 stopped before its radius schedule ends never trained at -1); a model folder
+            without that record (a hub id, weights saved by hand) gets -1, and the results say
+            so. An integer overrides the record. Each sample's radius and where it came from
+            are in the results (``stt_radius``, ``stt_radius_source``).
     """
 
     num_inference_steps: int = 50
@@ -36,7 +42,7 @@ class SamplingConfig:
     anchors: int = 1
     feature_rendering: bool = True
     anchor_steps: int | None = None
-    stt_radius: int = -1
+    stt_radius: int | None = None
 
     def anchor_frames(self, num_frames: int) -> tuple[int, ...]:
         """The anchor frame indices for a clip of ``num_frames``."""
@@ -54,6 +60,11 @@ class SamplingConfig:
             "sampling.completion_until_step must be within num_inference_steps",
         )
         check(self.anchors >= 1, "sampling.anchors must be >= 1")
+        check(
+            self.stt_radius is None or self.stt_radius >= -1,
+            f"sampling.stt_radius must be >= 0, -1 (the whole feature map) or null (the radius the "
+            f"model was trained at), got {self.stt_radius}",
+        )
         check(
             self.anchor_steps is None or 1 <= self.anchor_steps <= self.num_inference_steps,
             "sampling.anchor_steps must be within 1..num_inference_steps (or null)",

@@ -1,7 +1,8 @@
 """Generation: :class:`GenerateSamples` (one per Ray Data actor) loads the pipeline once and, per
 sample, places the trajectory around the subject's reference views, generates, and writes the
 frames (``frame_000.png``...), an image grid and ``sample.json`` (the row, the requested cameras,
-the strategies' figures). A failure is recorded with its reason; the other samples go on."""
+the STT radius used and its source, the strategies' figures). A failure is recorded with its
+reason; the other samples go on."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import math
 import time
 
+import fsspec
 import numpy as np
 import torch
 
@@ -69,8 +71,54 @@ def video_grid_image(frames: np.ndarray, columns: int = 8) -> np.ndarray:
     return grid
 
 
-def inference_options(cfg, num_frames: int, overrides: dict):
-    """The sampler options of one sample: the config's, then the variant's overrides."""
+def trained_stt_radius(model: str | None) -> int | None:
+    """The STT radius ``model`` was trained at: ``final_stt_radius`` of the training record every
+    export writes beside its weights (:data:`mvcustom.training.loop.TRAINING_RECORD`), read
+    through fsspec (models may live in object storage). ``None`` when the folder has no record
+    (a hub id, weights saved without training)."""
+    from mvcustom.training.loop import TRAINING_RECORD
+
+    if not model:
+        return None
+    url = f"{model.rstrip('/')}/{TRAINING_RECORD}"
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        with fs.open(path, "rb") as f:
+            record = json.loads(f.read().decode("utf8"))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except ValueError as e:
+        raise ValueError(
+            f"{url} is not valid JSON ({e}): re-export the model, or set sampling.stt_radius to the "
+            "radius it was trained at"
+        ) from e
+    radius = record.get("final_stt_radius") if isinstance(record, dict) else None
+    if isinstance(radius, bool) or not isinstance(radius, int) or radius < -1:
+        raise ValueError(
+            f"{url}: final_stt_radius must be an integer >= -1, got {radius!r}; re-export the model, or "
+            "set sampling.stt_radius to the radius it was trained at"
+        )
+    return radius
+
+
+def stt_radius_of(cfg) -> tuple[int, str]:
+    """The STT radius the samples use (unless their variant sets ``radius``) and where it comes
+    from: ``sampling.stt_radius`` when set; else the radius recorded in the model's training
+    record (sampling at a radius the model never trained at, e.g. -1 after a stage 1 stopped
+    early, is out of distribution); else -1, the whole feature map, stated as the default."""
+    from mvcustom.training.loop import TRAINING_RECORD
+
+    if cfg.sampling.stt_radius is not None:
+        return cfg.sampling.stt_radius, "sampling.stt_radius"
+    recorded = trained_stt_radius(cfg.model)
+    if recorded is not None:
+        return recorded, TRAINING_RECORD
+    return -1, f"default -1 (no {TRAINING_RECORD} in the model folder)"
+
+
+def inference_options(cfg, num_frames: int, overrides: dict, radius: int):
+    """The sampler options of one sample: the config's (``radius``: :func:`stt_radius_of`), then
+    the variant's overrides."""
     from mvcustom.inference.pipeline import InferenceOptions
 
     s = cfg.sampling
@@ -81,7 +129,7 @@ def inference_options(cfg, num_frames: int, overrides: dict):
         "anchors": s.anchor_frames(num_frames),
         "anchor_steps": s.anchor_steps,
         "depth_scale_search": s.depth_scale_search,
-        "radius": s.stt_radius,
+        "radius": radius,
     }
     bad = set(overrides) - set(InferenceOptions.__dataclass_fields__)
     if bad:
@@ -104,6 +152,8 @@ class GenerateSamples:
         from mvcustom.inference.pipeline import MVCustomPipeline
 
         self.cfg = from_dict(EvaluateConfig, config, "evaluate config")
+        # read once per actor, before the weights: a malformed record fails here, not per sample
+        self.stt_radius, self.stt_radius_source = stt_radius_of(self.cfg)
         device = "cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         self.pipe = MVCustomPipeline.from_pretrained(
@@ -142,7 +192,8 @@ class GenerateSamples:
         traj.pop("name", None)
         num_frames = int(traj.pop("num_frames", cfg.clip.num_frames))
         cams = place_trajectory(kind, num_frames, refs.cameras, image_hw, **traj)
-        opts = inference_options(cfg, num_frames, json.loads(row["options"]))
+        overrides = json.loads(row["options"])
+        opts = inference_options(cfg, num_frames, overrides, self.stt_radius)
         g = torch.Generator(device=self.pipe.model.device).manual_seed(int(row["seed"]))
         result = self.pipe(
             row["prompt"],
@@ -169,6 +220,8 @@ class GenerateSamples:
             "references": ref_dir,
             "subject_category": category,
             "num_reference_views": len(refs.images),
+            "stt_radius": opts.radius,
+            "stt_radius_source": "variant option radius" if "radius" in overrides else self.stt_radius_source,
             "generate_seconds": seconds,
             # Table 2's cost column: peak accelerator memory of this sample (None on CPU)
             "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30

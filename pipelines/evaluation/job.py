@@ -23,7 +23,7 @@ import fsspec
 from mvcustom.configs.base import pin_local_path
 from mvcustom.configs.common import init_ray, retry_args_allowed
 from pipelines.evaluation.files import read_json, records, sample_dir, write_json
-from pipelines.evaluation.generate import GenerateSamples
+from pipelines.evaluation.generate import GenerateSamples, stt_radius_of
 from pipelines.evaluation.report import write_report
 from pipelines.evaluation.score import METRICS, ScoreSamples, aggregate
 from pipelines.evaluation.spec import SPEC_COLUMNS, load_spec
@@ -75,6 +75,10 @@ def eval_fingerprint(cfg, cache: dict | None = None) -> dict:
 
     flat = flatten(to_dict(cfg))
     fp = {k: v for k, v in flat.items() if not k.startswith(("ray.", "mlflow.")) and k not in _SCALING}
+    # the radius the samples are made at, however it was given: a null that resolves to 1 makes
+    # what an explicit 1 makes, and outputs written when the default was a fixed -1 still resume
+    # for a model without a training record
+    fp["sampling.stt_radius"] = stt_radius_of(cfg)[0]
     fp["model_files"] = model_identity(cfg.model, cache)
     fp["depth_model_files"] = model_identity(cfg.depth_model, cache)
     return json.loads(json.dumps(fp, default=str))
@@ -141,6 +145,8 @@ def run_evaluate(cfg) -> dict:
     # Ray workers run in their own working directory: pin local relative paths
     cfg.model, cfg.spec = pin_local_path(cfg.model, True), pin_local_path(cfg.spec, True)
     cfg.depth_model, cfg.output = pin_local_path(cfg.depth_model, True), pin_local_path(cfg.output)
+    stt_radius, stt_radius_source = stt_radius_of(cfg)
+    print(f"[evaluate] STT radius {stt_radius} ({stt_radius_source})", flush=True)
     check_fingerprint(cfg)
     work = plan(cfg)
     t0 = time.time()
@@ -189,6 +195,9 @@ def run_evaluate(cfg) -> dict:
         "lost": len(lost),
         "complete": bool((results["status"] == "scored").all()),
         "seconds": round(seconds, 2),
+        # the radius samples without a variant ``radius`` use (per sample: results' stt_radius)
+        "stt_radius": stt_radius,
+        "stt_radius_source": stt_radius_source,
         "failure_reasons": {
             r["sample_id"]: r["failure_reason"]
             for r in results.to_dict("records")
@@ -315,8 +324,18 @@ def _log_mlflow(cfg, summary: dict, results, table) -> str | None:
     tags.update({f"mvcustom.{k}": summary[k] for k in ("clip_model", "distance_model") if k in summary})
     rid = open_run(cfg.mlflow, cfg, tags)
     client = mlflow.MlflowClient(tracking_uri(cfg.mlflow))
+    # the STT radius used is a setting: a param beside the config's (whose null means "recorded")
+    client.log_batch(
+        rid,
+        params=[
+            mlflow.entities.Param("stt_radius_used", str(summary["stt_radius"])),
+            mlflow.entities.Param("stt_radius_source", summary["stt_radius_source"]),
+        ],
+    )
     metrics = {
-        k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        k: float(v)
+        for k, v in summary.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and k != "stt_radius"
     }
     for r in table.to_dict("records") if len(table) else []:
         if r["level"] == "all":

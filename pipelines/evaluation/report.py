@@ -1,6 +1,6 @@
 """The HTML report (``<output>/report/index.html``): Table 2's layout per variant beside the
-paper's published rows, per-trajectory rows, then per sample its frames, cameras, anchor coverage
-and why a score is 0."""
+paper's published rows, per-trajectory rows, then per sample its frames, cameras, STT radius,
+anchor coverage and why a score is 0."""
 
 from __future__ import annotations
 
@@ -151,6 +151,17 @@ def write_report(output: str, results, table, run_url: str | None = None) -> str
         f"Text alignment and CLIP-I: {html.escape(', '.join(models['clip_model']) or '–')}. "
         f"MV-cons and ID: {html.escape(', '.join(models['distance_model']) or '–')}.",
     ]
+    # which STT radius the samples were made at, and why (the model's training record, the
+    # config, a variant, or the stated -1 default): figures at another radius are another model
+    radii = sorted(
+        {
+            (int(r["stt_radius"]), str(r.get("stt_radius_source") or "source not recorded"))
+            for r in records
+            if isinstance(r.get("stt_radius"), int | float) and r["stt_radius"] == r["stt_radius"]
+        }
+    )
+    if radii:
+        notes.append("STT radius: " + html.escape("; ".join(f"{v} ({src})" for v, src in radii)) + ".")
     if tiny:
         notes.append(
             "<b>These metric models are tiny and random (the demo, tests): the figures check that the "
@@ -188,6 +199,9 @@ def write_report(output: str, results, table, run_url: str | None = None) -> str
             f"trajectory {html.escape(str(json.loads(r['trajectory']).get('name', '')))}",
             html.escape(r["variant"]),
         ]
+        radius = r.get("stt_radius")
+        if isinstance(radius, int | float) and radius == radius:
+            extra.append(f"STT radius {int(radius)}")
         if isinstance(cov, int | float) and cov == cov:
             extra.append(f"rendered anchor covers {100 * cov:.0f}% of the target latents")
         if r.get("pose_method"):

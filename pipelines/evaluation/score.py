@@ -71,7 +71,7 @@ class ScoreSamples:
             "rotation_error_deg": pose.rotation_error_deg,
             "translation_error_deg": pose.translation_error_deg,
             # appendix Table A3: points COLMAP triangulated with the requested cameras
-            "colmap_points": pose.num_points,
+            "colmap_points": pose.colmap_points,
             **sims,
             "text_alignment_prompt": text_prompt,
             "score_seconds": time.perf_counter() - t0,
@@ -138,6 +138,10 @@ def aggregate(results) -> pd.DataFrame:  # noqa: F821
     for level, g in groups.items():
         t = g[cols].agg(["mean", "std", "count"])
         t.columns = [f"{m}_{s}" for m, s in t.columns]
+        if "stt_radius" in scored:  # the radius each group's samples were made at (a setting)
+            t["stt_radius"] = g["stt_radius"].agg(
+                lambda v: ", ".join(str(int(x)) for x in sorted(set(pd.to_numeric(v).dropna())))
+            )
         t = t.reset_index()
         for name in ("clip_model", "distance_model"):  # which models the figures come from
             if name in scored:
