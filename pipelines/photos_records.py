@@ -9,16 +9,20 @@ subject, named after the folder)::
       my_dog/     ...
 
 Each subject becomes one clip sample of the shard schema. Its photos are posed by pycolmap SfM
-at their **original** resolution (upright per EXIF), with **exhaustive** matching (photos have no
-order, so sequential matching would miss most pairs) and one focal shared by photos of one size
-(one per photo when sizes differ); then each is centre-cropped to the clip's aspect and resized,
-and its camera is cropped and scaled with it (``Cameras.crop_resize``: the same pixels, exactly).
-Posing the originals keeps the features a crop would cut off and the resolution a resize would
-lose. Photos the reconstruction does not register are dropped (interpolating a pose between
-unordered photos would be meaningless) and listed in ``json["dropped_photos"]``; a subject with
-fewer than ``photos.min_photos`` registered photos is an error record (the minimum stage 2 needs:
-``clip.num_frames + data.num_references`` frames per sample, checked again when training starts). The scene is normalised as CO3D clips
-are (``mvcustom.geometry.conventions.normalize_scene``: first camera's frame, mean distance to the
+at their **original** resolution (upright per EXIF; ``photos.max_image_size`` caps it when set,
+``sfm.max_image_size`` is the video clips' cap and does not apply), with **exhaustive** matching
+(photos have no order, so sequential matching would miss most pairs) and one focal shared by
+photos of one size (one per photo when sizes differ); then each is centre-cropped to the clip's
+aspect and resized, and its camera is cropped and scaled with it (``Cameras.crop_resize``: the
+same pixels, exactly). Posing the originals keeps the features a crop would cut off and the
+resolution a resize would lose. Photos the reconstruction does not register are dropped
+(interpolating a pose between unordered photos would be meaningless) and listed in
+``json["dropped_photos"]``. ``photos.min_photos`` is the one minimum: a subject with fewer
+registered photos is an error record, one with at least that many is accepted whatever fraction
+of its photos registered (``sfm.min_registered_fraction`` does not apply to photos). It is the
+minimum stage 2 needs: ``clip.num_frames + data.num_references`` frames per sample, checked again
+when training starts. The scene is normalised as CO3D clips are
+(``mvcustom.geometry.conventions.normalize_scene``: first camera's frame, mean distance to the
 look-at point 1), so stage 2's FeatureNeRF bounds apply unchanged. Depth comes from ZoeDepth
 when ``estimate_depth`` is on; there are no foreground masks, so stage 2 trains without its
 mask terms.
@@ -126,8 +130,16 @@ def build_photos_clip(item: PhotoItem, cfg: PreprocessConfig) -> ClipSample:
         if is_transient(e):
             raise TransientError(f"reading the photos of {item.id}: {type(e).__name__}: {e}") from e
         raise RecordError("read", f"{type(e).__name__}: {e}") from None
+    sfm = dataclasses.replace(
+        cfg.sfm,
+        matcher="exhaustive",  # photos have no order
+        max_image_size=cfg.photos.max_image_size,  # not the video clips' cap: full size by default
+        # Unregistered photos are dropped, so the only minimum is the count left
+        # (photos.min_photos, below), not a fraction of the folder.
+        min_registered_fraction=1e-6,
+    )
     try:
-        res = run_sfm(originals, dataclasses.replace(cfg.sfm, matcher="exhaustive"))
+        res = run_sfm(originals, sfm)
     except Exception as e:
         if is_transient(e):
             raise TransientError(f"SfM of {item.id}: {type(e).__name__}: {e}") from e
@@ -159,7 +171,7 @@ def build_photos_clip(item: PhotoItem, cfg: PreprocessConfig) -> ClipSample:
         "depth_source": None,
         "depth_units": None,
         "pose_source": "pycolmap_sfm",
-        "pose_quality": judge_pose_quality(res, cfg.sfm),
+        "pose_quality": judge_pose_quality(res, sfm),
         "scene_scale": scale,
         "camera_motion": camera_motion(cams),
         "photos": [item.photos[i].rsplit("/", 1)[-1] for i in keep],

@@ -96,6 +96,47 @@ def test_pose_accuracy_counts_unregistered_frames_as_failed_pairs(cpa_views):
     assert s.score >= 14 / 28, s
 
 
+def test_colmap_points_triangulate_with_the_requested_cameras(cpa_views):
+    """Table A3's "# of COLMAP recon": the renders' matches triangulated with their true cameras
+    held fixed give many points; the same frames scored against a 60-degree arc (a generator
+    that turned 105 degrees where 60 were asked) give far fewer. The free-pose reconstruction's
+    count (``num_points``, what results reported before) is the same for both requests: it never
+    looks at the requested cameras."""
+    frames, cams = cpa_views
+    true = pose_accuracy(frames, cams)
+    wrong = pose_accuracy(frames, _arc(8, 60.0, CPA_HW))
+    assert true.colmap_points >= 200, true  # measured 291
+    assert wrong.colmap_points <= 0.5 * true.colmap_points, (true.colmap_points, wrong.colmap_points)
+    assert wrong.num_points == true.num_points > 0  # the old figure cannot tell the two apart
+    assert wrong.score < true.score  # pose accuracy agrees that the request was not followed
+
+
+def test_colmap_points_need_no_free_reconstruction(cpa_views, monkeypatch):
+    """The count comes from the requested cameras alone: where SfM builds no map (simulated:
+    COLMAP's mapper returns nothing) three views still triangulate against their true cameras, as
+    many points as with the map. Cameras in other pixels than the frames, or not one per frame,
+    are refused."""
+    import pycolmap
+
+    from mvcustom.geometry.sfm import run_sfm
+    from mvcustom.metrics.pose import default_sfm_config
+
+    frames, cams = cpa_views
+    true, idx, cfg = cams.to(dtype=torch.float64), [3, 4, 5], default_sfm_config()
+    mapped = run_sfm(frames[idx], cfg, intrinsics=true.K[0], triangulate_with=true[idx])
+    monkeypatch.setattr(pycolmap, "incremental_mapping", lambda *args, **kwargs: {})
+    unmapped = run_sfm(frames[idx], cfg, intrinsics=true.K[0], triangulate_with=true[idx])
+    assert mapped.ok and not unmapped.ok and "no reconstruction" in unmapped.reason
+    assert mapped.known_pose_points >= 30, mapped  # measured 68
+    assert unmapped.known_pose_points == pytest.approx(mapped.known_pose_points, rel=0.1)
+    with pytest.raises(
+        ValueError, match=r"triangulate_with must be in pixels of the frames .*Cameras.resize"
+    ):
+        run_sfm(frames[:2], cfg, triangulate_with=true[:2].resize(72, 96))
+    with pytest.raises(ValueError, match=r"one per frame \(2\)"):
+        run_sfm(frames[:2], cfg, triangulate_with=true[:3])
+
+
 def test_pose_accuracy_of_blank_frames_fails_with_zero(capfd):
     cams = _arc(8, 105.0, (96, 128))
     s = pose_accuracy(np.full((8, 96, 128, 3), 200, np.uint8), cams)

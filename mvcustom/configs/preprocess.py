@@ -83,19 +83,34 @@ class PhotosInputConfig:
             It is the one minimum of the photos path: stage 2 draws ``clip.num_frames +
             data.num_references`` frames from the clip per sample (the sd15 configs: 16 + 5 = 21,
             the default; the debug configs: 4 + 2 = 6), and ``jobs.train`` refuses shards whose
-            clips hold fewer, naming them, before any worker starts.
+            clips hold fewer, naming them, before any worker starts. A subject is accepted when at
+            least ``min_photos`` of its photos register, whatever fraction of the folder that is
+            (10 photos, 6 registered, ``min_photos`` 5: accepted with the 6, the other 4
+            dropped): ``sfm.min_registered_fraction`` does not apply to photos, since the photos
+            that do not register are dropped rather than interpolated, and only the count that
+            remains matters to stage 2.
         max_photos: at most this many photos per subject (sorted by name).
         caption_template: caption when the folder has no ``caption.txt`` (``{name}``: folder name).
         subjects: subject folders to keep (empty: all).
+        max_image_size: SfM sees each photo shrunk so that its longer side is at most this (each
+            by its own factor; the cameras come back in pixels of the originals). ``None``
+            (default): the photos at their original resolution, which keeps the features and
+            the precision that shrinking loses. ``sfm.max_image_size`` is the video clips' cap
+            and does not apply to photos; set this one to bound SfM's time on large photos.
     """
 
     min_photos: int = 21
     max_photos: int = 64
     caption_template: str = "a photo of a {name}"
     subjects: list[str] = field(default_factory=list)
+    max_image_size: int | None = None
 
     def __post_init__(self) -> None:
         check(2 <= self.min_photos <= self.max_photos, "photos: need 2 <= min_photos <= max_photos")
+        check(
+            self.max_image_size is None or self.max_image_size >= 32,
+            "photos.max_image_size must be >= 32 pixels, or null for the original resolution",
+        )
 
 
 @dataclass
@@ -165,13 +180,17 @@ class DepthModelConfig:
 
 @dataclass
 class SfmConfig:
-    """pycolmap structure-from-motion for clips without poses (WebVid).
+    """pycolmap structure-from-motion for clips without poses (WebVid) and for photos (``source:
+    photos``, which always match exhaustively, take their size cap from ``photos.max_image_size``
+    and their minimum from ``photos.min_photos``: ``matcher``, ``max_image_size``,
+    ``min_registered_fraction`` and ``keyframe_stride`` do not apply to them).
 
     Attributes:
         matcher: ``sequential`` (video order, ``overlap`` neighbours) or ``exhaustive``.
         overlap: neighbours matched per frame with the sequential matcher.
         mapper: ``incremental`` or ``global`` (GLOMAP).
-        min_registered_fraction: a reconstruction registering fewer frames counts as failed.
+        min_registered_fraction: a reconstruction registering fewer frames counts as failed
+            (video clips; photos: ``photos.min_photos`` registered photos).
         keep_failed: keep clips whose SfM failed (without poses, flagged) instead of dropping them.
         num_threads: threads per SfM task (one Ray CPU each).
         first_octave: SIFT's first octave. COLMAP's default, -1, upsamples every frame 2x before
@@ -187,7 +206,8 @@ class SfmConfig:
             preview size) SfM at 384x216 took ~0.5x the time at full size for rotation errors
             of the same order (orbits 0.19-0.20 deg median against 0.14-0.20), where 320 let one
             orbit slip to 0.9 deg. Clips are stored at 384x256 by the production config, so SfM
-            at 384 resolves what is stored.
+            at 384 resolves what is stored. Video clips only: photos are posed at their original
+            resolution unless ``photos.max_image_size`` is set.
         keyframe_stride: with the sequential matcher (ordered video frames), the
             reconstruction (matching, incremental mapping, bundle adjustment) is built from
             every ``keyframe_stride``-th frame and the last; each frame between two keyframes is

@@ -14,6 +14,11 @@ with a reason, never an exception that stops the job; frames left unregistered b
 reconstruction get poses interpolated (SLERP / linear) between their registered neighbours and
 are listed in ``interpolated``.
 
+A caller that knows the cameras the frames should have been seen from (the metric: the requested
+ones) can also have the same features and verified matches triangulated against those cameras,
+held fixed (COLMAP's point triangulator, ``triangulate_with``): the points that triangulate are
+the matches consistent with those poses and intrinsics (``SfmResult.known_pose_points``).
+
 pycolmap is imported inside :func:`run_sfm`, so importing this module stays cheap.
 """
 
@@ -65,6 +70,10 @@ class SfmResult:
         keyframes: the frame positions the reconstruction was built from
             (``sfm.keyframe_stride``); the others in ``registered_frames`` were placed against
             its map by absolute pose (PnP), the rest are ``interpolated``.
+        known_pose_points: with ``triangulate_with``: the 3D points COLMAP's point triangulator
+            made of the keyframes' verified matches with those cameras as fixed poses and
+            intrinsics (independent of whether the reconstruction above succeeded); ``None``
+            when no cameras were given.
     """
 
     cameras: Cameras | None
@@ -82,6 +91,7 @@ class SfmResult:
     focal_fixed: bool = False
     forward_motion: float | None = None
     keyframes: list[int] = field(default_factory=list)
+    known_pose_points: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -232,11 +242,12 @@ def _extraction_options(cfg: SfmConfig):
 
 
 def _extract_and_match(
-    frames, positions, img_dir: Path, db: Path, cfg: SfmConfig, K, one_size: bool
+    frames, positions, img_dir: Path, db: Path, cfg: SfmConfig, K, shared_camera: bool
 ) -> list[str]:
     """Write the frames (at ``positions`` of the clip) as images, extract SIFT features into a
     COLMAP database and match them (``cfg.matcher``; COLMAP's geometric verification stores
-    each pair's two-view geometry). Returns the image names, in frame order."""
+    each pair's two-view geometry). ``shared_camera``: one COLMAP camera for every image (frames
+    of one size), else one per image. Returns the image names, in frame order."""
     import pycolmap
 
     img_dir.mkdir()
@@ -254,7 +265,7 @@ def _extract_and_match(
     pycolmap.extract_features(
         db,
         img_dir,
-        camera_mode=pycolmap.CameraMode.SINGLE if one_size else pycolmap.CameraMode.PER_IMAGE,
+        camera_mode=pycolmap.CameraMode.SINGLE if shared_camera else pycolmap.CameraMode.PER_IMAGE,
         reader_options=reader,
         extraction_options=extraction,
         device=cpu,
@@ -304,18 +315,84 @@ def pairwise_homographies(
     return out
 
 
-def _cap_size(frames, max_side: int | None, K: torch.Tensor | None):
-    """Frames of one size shrunk so that their longer side is ``max_side`` (``None``, or frames
-    already that small: unchanged), and ``K`` in pixels of the shrunk frames."""
-    H, W = frames[0].shape[:2]
+def _capped_hw(hw: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """``(H, W)`` shrunk so that the longer side is ``max_side`` (unchanged when already that
+    small, or ``max_side`` is ``None``)."""
+    H, W = hw
     if max_side is None or max(H, W) <= max_side:
-        return frames, K
+        return H, W
     s = max_side / max(H, W)
-    h, w = max(round(H * s), 1), max(round(W * s), 1)
-    small = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in frames])
+    return max(round(H * s), 1), max(round(W * s), 1)
+
+
+def _cap_size(frames, max_side: int | None, K: torch.Tensor | None):
+    """Frames shrunk so that each one's longer side is ``max_side`` (``None``, or frames already
+    that small: unchanged, the very same object); frames of one size stay one array, images of
+    different sizes (photos) a list, each shrunk by its own factor. ``K`` (frames of one size)
+    comes back in pixels of the shrunk frames."""
+    sizes = [_capped_hw(tuple(f.shape[:2]), max_side) for f in frames]
+    if all(hw == tuple(f.shape[:2]) for hw, f in zip(sizes, frames, strict=True)):
+        return frames, K
+    small = [
+        f if hw == tuple(f.shape[:2]) else np.asarray(Image.fromarray(f).resize(hw[::-1], Image.BILINEAR))
+        for f, hw in zip(frames, sizes, strict=True)
+    ]
+    small = np.stack(small) if isinstance(frames, np.ndarray) else small
     if K is not None:  # Cameras.resize holds the pixel convention of a resize, here as everywhere
-        K = Cameras(torch.eye(4, dtype=K.dtype)[None], K[None], (H, W)).resize(h, w).K[0]
+        H, W = frames[0].shape[:2]
+        K = Cameras(torch.eye(4, dtype=K.dtype)[None], K[None], (H, W)).resize(*sizes[0]).K[0]
     return small, K
+
+
+def _resize_each(cams: Cameras, sizes: list[tuple[int, int]]) -> Cameras:
+    """Each camera resized to its own image size ``sizes[i]`` (a no-op where it already is)."""
+    if cams.image_hw.tolist() == [list(hw) for hw in sizes]:
+        return cams
+    if len(set(sizes)) == 1:
+        return cams.resize(*sizes[0])
+    return Cameras.cat([cams[i : i + 1].resize(*hw) for i, hw in enumerate(sizes)])
+
+
+def _triangulate_known(
+    db: Path, img_dir: Path, names: list[str], cams: Cameras, out: Path, cfg: SfmConfig
+) -> int:
+    """The 3D points COLMAP's point triangulator makes of the verified matches in ``db`` with
+    ``cams`` (one per image of ``names``, in pixels of the images written) as fixed poses and
+    intrinsics (bundle adjustment refines the points only). Each database camera is rewritten as
+    the PINHOLE camera of ``cams`` first: the triangulator requires the reconstruction's cameras
+    to match the database's, and the database is this call's own temporary copy."""
+    import pycolmap
+
+    K = cams.K.to(torch.float64).numpy()
+    w2c = cams.w2c.to(torch.float64).numpy()
+    database = pycolmap.Database.open(db)
+    try:
+        images = {im.name: im for im in database.read_all_images()}
+        cameras = {}
+        for name, k in zip(names, K, strict=True):
+            old = database.read_camera(images[name].camera_id)
+            if old.camera_id in cameras:  # shared by frames of one K (the caller's camera mode)
+                continue
+            cameras[old.camera_id] = pycolmap.Camera(
+                model="PINHOLE",
+                width=old.width,
+                height=old.height,
+                params=[k[0, 0], k[1, 1], k[0, 2], k[1, 2]],
+                camera_id=old.camera_id,
+            )
+            database.update_camera(cameras[old.camera_id])
+    finally:
+        database.close()
+    rec = pycolmap.Reconstruction()
+    for camera in cameras.values():
+        rec.add_camera_with_trivial_rig(camera)
+    for name, m in zip(names, w2c, strict=True):
+        image = pycolmap.Image(name=name, camera_id=images[name].camera_id, image_id=images[name].image_id)
+        rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d(pycolmap.Rotation3d(m[:3, :3]), m[:3, 3]))
+    options = pycolmap.IncrementalPipelineOptions()
+    options.num_threads = cfg.num_threads
+    out.mkdir()
+    return int(pycolmap.triangulate_points(rec, db, img_dir, out, options=options).num_points3D())
 
 
 def keyframe_positions(n: int, stride: int) -> list[int]:
@@ -422,6 +499,7 @@ def run_sfm(
     cfg: SfmConfig,
     workdir: str | None = None,
     intrinsics: torch.Tensor | np.ndarray | None = None,
+    triangulate_with: Cameras | None = None,
 ) -> SfmResult:
     """Run SfM on ``frames``: ``(N, H, W, 3)`` uint8 RGB, or a list of ``(H_i, W_i, 3)`` images
     of different sizes (photos at their original resolution).
@@ -429,20 +507,28 @@ def run_sfm(
     Args:
         frames: the clip, in order.
         cfg: matcher, mapper, registration threshold, threads, keyframes and
-            ``max_image_size`` (frames of one size larger than that are shrunk for SfM; the
-            cameras returned are in pixels of ``frames`` as given).
+            ``max_image_size`` (images larger than that are shrunk for SfM, each by its own
+            factor; the cameras returned are in pixels of ``frames`` as given).
         workdir: parent folder of the temporary COLMAP workspace (default: the system's).
         intrinsics: optional ``(3, 3)`` pinhole ``K`` in pixels of ``frames``, shared by every
             frame. Given, COLMAP uses a fixed PINHOLE camera (focal not refined by bundle
             adjustment); ``None`` (default) estimates one shared SIMPLE_PINHOLE focal, or one
             focal per image when the images differ in size (COLMAP's per-image cameras).
+        triangulate_with: optional ``N`` cameras, one per frame, in pixels of ``frames`` (their
+            ``image_hw`` the frames' sizes): the keyframes' features and verified matches are
+            also triangulated with these poses and intrinsics held fixed, giving
+            ``SfmResult.known_pose_points`` (one extraction and matching serves both). When
+            their ``K`` differ between frames of one size, COLMAP gets one camera per image
+            (the free reconstruction then estimates a focal per image too, ``intrinsics``
+            unset), and every frame is a keyframe.
     """
     import pycolmap
 
     quiet_colmap()
     pycolmap.set_random_seed(cfg.seed)  # this clip's poses, whatever ran in this thread before
     n = len(frames)
-    one_size = len({tuple(fr.shape[:2]) for fr in frames}) == 1
+    full_hw = [tuple(fr.shape[:2]) for fr in frames]
+    one_size = len(set(full_hw)) == 1
     K = None
     if intrinsics is not None:
         K = torch.as_tensor(intrinsics, dtype=torch.float64)
@@ -450,16 +536,33 @@ def run_sfm(
             raise ValueError(f"intrinsics must be one (3, 3) K shared by the frames, got {tuple(K.shape)}")
         if not one_size:
             raise ValueError("shared intrinsics need frames of one size; these differ in size")
-    full_hw = tuple(frames[0].shape[:2])
-    frames, K = _cap_size(frames, cfg.max_image_size, K) if one_size else (frames, K)
+    shared_camera = one_size
+    if triangulate_with is not None:
+        if not isinstance(triangulate_with, Cameras) or len(triangulate_with) != n:
+            raise ValueError(
+                f"triangulate_with must be Cameras, one per frame ({n}), got "
+                f"{len(triangulate_with) if isinstance(triangulate_with, Cameras) else type(triangulate_with).__name__}"
+            )
+        given_hw = [tuple(hw) for hw in triangulate_with.image_hw.tolist()]
+        if given_hw != [tuple(hw) for hw in full_hw]:
+            raise ValueError(
+                f"triangulate_with must be in pixels of the frames (image_hw {sorted(set(full_hw))}), "
+                f"got image_hw {sorted(set(given_hw))}: resize them first (Cameras.resize)"
+            )
+        triangulate_with = triangulate_with.to(dtype=torch.float64)
+        Kt = triangulate_with.K
+        shared_camera = one_size and torch.allclose(Kt, Kt[:1].expand_as(Kt))
+    frames, K = _cap_size(frames, cfg.max_image_size, K)
+    sfm_hw = [tuple(fr.shape[:2]) for fr in frames]
     keys = (
         keyframe_positions(n, cfg.keyframe_stride)
-        if cfg.matcher == "sequential" and one_size
+        if cfg.matcher == "sequential" and shared_camera
         else list(range(n))
     )
+    known_points = None
     with tempfile.TemporaryDirectory(dir=workdir) as d:
         img_dir, db = Path(d) / "images", Path(d) / "database.db"
-        names = _extract_and_match([frames[i] for i in keys], keys, img_dir, db, cfg, K, one_size)
+        names = _extract_and_match([frames[i] for i in keys], keys, img_dir, db, cfg, K, shared_camera)
         out = Path(d) / "sparse"
         out.mkdir()
         if cfg.mapper == "incremental":
@@ -477,6 +580,9 @@ def run_sfm(
         placed = {}
         if rec is not None and len(keys) < n:  # the frames between keyframes, against the map
             placed = _register_by_pnp(rec, db, frames, sorted(set(range(n)) - set(keys)), cfg)
+        if triangulate_with is not None:  # last: it rewrites the database's cameras
+            given = _resize_each(triangulate_with, sfm_hw)[keys]
+            known_points = _triangulate_known(db, img_dir, names, given, Path(d) / "known", cfg)
     if rec is None:
         return SfmResult(
             None,
@@ -484,6 +590,7 @@ def run_sfm(
             n,
             reason="no reconstruction (too little parallax or texture to initialise)",
             keyframes=keys,
+            known_pose_points=known_points,
         )
     key_cams, got = cameras_from_pycolmap(rec, names)
     on_map = {_frame_position(g): key_cams.w2c[k] for k, g in enumerate(got)}
@@ -514,6 +621,7 @@ def run_sfm(
         focal_fixed=K is not None,
         forward_motion=_forward_motion(cams),
         keyframes=keys,
+        known_pose_points=known_points,
     )
     if len(got) / len(keys) < cfg.min_registered_fraction:
         result.reason = (
@@ -536,5 +644,5 @@ def run_sfm(
         result.reason = "no reconstructed point lies in front of the first camera"
         return result
     # back to the frames as given (a no-op unless sfm.max_image_size shrank them)
-    result.cameras = cams.resize(*full_hw) if tuple(frames[0].shape[:2]) != full_hw else cams
+    result.cameras = cams if sfm_hw == full_hw else _resize_each(cams, full_hw)
     return result
