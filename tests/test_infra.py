@@ -513,6 +513,11 @@ def test_dockerfile_structure():
     # DreamSim (metric_models.distance=dreamsim) with the torchvision build matching torch
     assert '"torchvision==${TORCHVISION_VERSION}" --index-url "$TORCH_INDEX_URL"' in runs
     assert args["DREAMSIM_VERSION"] and '"dreamsim==${DREAMSIM_VERSION}"' in runs
+    # ... and its checkpoints where the at-scale evaluation config looks for them
+    at_scale = yaml.safe_load((ROOT / "jobs" / "configs" / "evaluate_sd15.yaml").read_text())
+    assert at_scale["metric_models"]["distance"] == "dreamsim"
+    assert args["DREAMSIM_WEIGHTS_DIR"] == at_scale["metric_models"]["dreamsim"]
+    assert "dreamsim(pretrained=True" in runs and 'cache_dir=sys.argv[1]' in runs
     assert _dockerfile_workdir(path) == "/app"
     envs = " ".join(a for k, a in ins if k == "ENV")
     assert "RAY_USAGE_STATS_ENABLED=0" in envs  # as the launcher's ray start --disable-usage-stats
