@@ -12,7 +12,7 @@ DEMO_DIR ?= $(CURDIR)/.demo
 # This machine's pip config names find-links folders that do not exist; pip warns once per package.
 PIP_NOISE := is ignored: it is neither a file nor a directory
 
-.PHONY: venv demo test test-fast bench lint format lock clean submit browser
+.PHONY: venv demo test test-fast bench lint format lock clean submit browser gpu-check gpu-wheels
 
 venv: $(STAMP)
 
@@ -45,7 +45,29 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	@mkdir -p $(TMP_ROOT)
-	@for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	@for f in benchmarks/*.py; do [ $$f = benchmarks/gpu_check.py ] && continue; echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+# The prepared GPU check (benchmarks/gpu_check.py): real sizes on a CUDA machine, one JSON of
+# figures in $(TMP_ROOT)/gpu_check/gpu_check.json. make test runs its CPU dry-run.
+gpu-check: $(STAMP)
+	@mkdir -p $(TMP_ROOT)
+	$(BIN)/python benchmarks/gpu_check.py --out $(TMP_ROOT)/gpu_check
+
+# Wheels for a GPU machine whose Python 3.12 image has torch, transformers' dependencies and
+# accelerate but not our diffusers / DeepSpeed / pinned transformers (README, GPU check): the
+# lock's versions for CPython 3.12 x86-64 into .whl/ (ignored); DeepSpeed, an sdist, is built here
+# into a pure-Python wheel (no ops compiled: they are JIT-built where they run).
+GPU_WHEELS := diffusers transformers huggingface_hub tokenizers hf-xet safetensors pydantic pydantic_core \
+  annotated-types typing-inspection hjson importlib_metadata httpx2 httpcore2 truststore click regex typer \
+  filelock idna anyio h11 typing_extensions
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	set -o pipefail; $(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  $$(for p in $(GPU_WHEELS); do grep -i "^$$p==" $(CONSTRAINTS); done) 2>&1 | { grep -v "$(PIP_NOISE)" || true; }
+	set -o pipefail; $(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w .whl "$$(grep '^deepspeed==' $(CONSTRAINTS))" \
+	  2>&1 | { grep -v "$(PIP_NOISE)" || true; }
+	@du -sh .whl
 
 # Submit a job to a Ray cluster and follow it (exit status = the job's):
 #   make submit RAY_ADDRESS=http://head:8265 ARGS="python -m jobs.train --config ... --set ray.address=auto"

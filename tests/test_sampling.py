@@ -1,10 +1,9 @@
 """Sampling as trained: one schedule, from the saved config, through the real generate path.
 
-The sampler is tested against an oracle denoiser: it knows the clean latents ``x0`` and the
-training schedule, whose noise levels it computes itself from the config's numbers (the
-formulas of DDPM's linear / scaled-linear betas and of the zero-terminal-SNR rescaling, written
-here independently of diffusers), and answers every call with the exact epsilon or v of its
-input. DDIM driven by such a denoiser must land on ``x0``; a sampler on another schedule than
+The sampler is tested against an oracle denoiser (:mod:`mvcustom.inference.oracle`): it knows the
+clean latents ``x0`` and the training schedule, whose noise levels it computes itself from the
+config's numbers (DDPM's linear / scaled-linear betas and the zero-terminal-SNR rescaling,
+written without diffusers), and answers every call with the exact epsilon or v of its input. DDIM driven by such a denoiser must land on ``x0``; a sampler on another schedule than
 training's does not (the old helper dropped every key of the model's config and sampled with
 diffusers' defaults: 166 % relative error for SD's epsilon config, 65 % for v-prediction).
 """
@@ -16,8 +15,9 @@ import pytest
 import torch
 
 from mvcustom.geometry.trajectories import orbit
+from mvcustom.inference.oracle import OracleDenoiser, reference_alphas_cumprod
 from mvcustom.inference.pipeline import InferenceOptions, MVCustomPipeline
-from mvcustom.models import DenoiseOutput, MVCustomConfig, MVCustomModel
+from mvcustom.models import MVCustomConfig, MVCustomModel
 from mvcustom.models.components import SD_SCHEDULER
 from mvcustom.models.schedule import build_scheduler
 
@@ -33,47 +33,6 @@ FRAMES, HW = 4, (64, 64)
 #: set_alpha_to_one=false ends DDIM at timestep 0's noise level, sqrt(1 - 0.99915) = 2.9 % of
 #: noise. A sampler on diffusers' default schedule: 165 % / 66 % / 52 %.
 TOLERANCE = 0.05
-
-
-def true_alphas_cumprod(config: dict) -> np.ndarray:
-    """The training schedule's cumulative alphas from the config's numbers (DDPM's definitions;
-    zero terminal SNR: Lin et al. 2024, Algorithm 1), in float64 without diffusers."""
-    n, b0, b1 = config["num_train_timesteps"], config["beta_start"], config["beta_end"]
-    if config["beta_schedule"] == "scaled_linear":
-        betas = np.linspace(b0**0.5, b1**0.5, n) ** 2
-    elif config["beta_schedule"] == "linear":
-        betas = np.linspace(b0, b1, n)
-    else:
-        raise AssertionError(config["beta_schedule"])
-    alphas_cumprod = np.cumprod(1 - betas)
-    if config.get("rescale_betas_zero_snr"):
-        s = np.sqrt(alphas_cumprod)
-        s = (s - s[-1]) * s[0] / (s[0] - s[-1])  # first level kept, last one zero
-        alphas_cumprod = s**2
-    return alphas_cumprod
-
-
-class Oracle:
-    """A perfect denoiser for the clean latents ``x0 (1, F, C, h, w)`` along ``cameras`` under the
-    training schedule ``config``: for any subset of the clip's frames (the pipeline's anchor pass
-    samples the anchors alone) it finds each frame by its camera."""
-
-    def __init__(self, x0: torch.Tensor, cameras, config: dict):
-        self.x0, self.w2c = x0.double(), cameras.w2c.double()
-        self.abar = torch.from_numpy(true_alphas_cumprod(config))
-        self.kind = config["prediction_type"]
-        self.calls = 0
-
-    def __call__(self, latents, timesteps, text, cameras, references=None, radius=0, *args, **kwargs):
-        self.calls += 1
-        w2c = cameras.w2c[0].double().cpu()  # (F', 4, 4): which frames of the clip these are
-        index = [int((self.w2c - c).abs().flatten(1).sum(1).argmin()) for c in w2c]
-        x0 = self.x0[:, index].expand(latents.shape[0], -1, -1, -1, -1)
-        a = self.abar[timesteps.cpu().long()].view(-1, 1, 1, 1, 1)
-        x = latents.double().cpu()
-        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
-        pred = eps if self.kind == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
-        return DenoiseOutput(sample=pred.to(latents.dtype))
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +56,7 @@ def _x0(seed: int = 0) -> torch.Tensor:
 def _generate(pipe: MVCustomPipeline, config: dict, options: InferenceOptions, depth=None) -> float:
     cams = orbit(FRAMES, radius=2.0, span_deg=60, image_hw=HW)
     x0 = _x0()
-    oracle = Oracle(x0, cams, config)
+    oracle = OracleDenoiser(x0, cams.w2c, config)
     pipe.model.forward = oracle  # the real pipeline around a perfect denoiser
     pipe.depth_estimator = depth
     out = pipe(
@@ -163,7 +122,7 @@ def test_training_and_inference_share_the_schedule(exports, name):
     )
     training = build_scheduler(model.scheduler_config)
     sampler = _pipe(exports[name]).scheduler
-    truth = torch.from_numpy(true_alphas_cumprod(config))
+    truth = torch.from_numpy(reference_alphas_cumprod(config))
     assert torch.allclose(training.alphas_cumprod.double(), truth, rtol=1e-5, atol=1e-9)
     assert torch.equal(training.alphas_cumprod, sampler.alphas_cumprod)
     for key, value in config.items():

@@ -100,6 +100,54 @@ def tiny_components(seed: int = 0, prediction_type: str = "epsilon") -> Componen
     return Components(unet, vae, text_encoder, tokenizer, dict(SD_SCHEDULER, prediction_type=prediction_type))
 
 
+def sd15_architecture_components(seed: int = 0, prediction_type: str = "epsilon") -> Components:
+    """Randomly initialised components at Stable Diffusion 1.5's real sizes, built from configs
+    (nothing is downloaded): SD 1.5's UNet (320-1280 channels, cross-attention 768), diffusers'
+    default ``MotionAdapter`` (AnimateDiff v1.5's motion modules), SD's VAE (128-512 channels) and
+    CLIP ViT-L/14's text encoder (12 layers, 768 wide, 49408 tokens). The tokenizer is the tiny
+    character-level one: its ids are valid rows of the real vocabulary, which is all random weights
+    need. For cost measurements (memory, speed) of the real architecture, not for images."""
+    from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from mvcustom.models.text import tiny_tokenizer
+
+    torch.manual_seed(seed)
+    unet2d = UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    unet = UNetMotionModel.from_unet2d(unet2d, MotionAdapter())
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        )
+    )
+    return Components(
+        unet, vae, text_encoder, tiny_tokenizer(), dict(SD_SCHEDULER, prediction_type=prediction_type)
+    )
+
+
 def save_tiny_pretrained(root: str, seed: int = 0) -> tuple[str, str]:
     """Write a tiny SD-1.5-layout pipeline folder and a tiny motion-adapter folder.
 

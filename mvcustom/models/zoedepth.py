@@ -142,8 +142,10 @@ class DepthEstimator:
     """Loads ZoeDepth once and estimates depth for batches of frames.
 
     Args:
-        model: ``from_pretrained`` folder or hub id.
+        model: ``from_pretrained`` folder or hub id, or a built ``ZoeDepthForDepthEstimation``.
         device: ``cuda``/``cpu``/``None`` (CUDA when available).
+        dtype: the network's dtype (``None``: as loaded, fp32); e.g. ``torch.bfloat16`` on GPUs.
+            Pre- and post-processing stay in fp32; depth comes back as float32.
         input_size: target network input size (the processor's 384x512 for real checkpoints).
         flip_average: average with the prediction of the mirrored image (the processor's default).
         batch_size: frames per forward pass. Two-head checkpoints choose the NYU or KITTI head
@@ -158,11 +160,16 @@ class DepthEstimator:
         input_size=(384, 512),
         flip_average: bool = True,
         batch_size: int = 8,
+        dtype: torch.dtype | None = None,
     ):
         from transformers import ZoeDepthForDepthEstimation
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = ZoeDepthForDepthEstimation.from_pretrained(model).to(self.device).eval()
+        net = (
+            model if isinstance(model, torch.nn.Module) else ZoeDepthForDepthEstimation.from_pretrained(model)
+        )
+        self.model = net.to(self.device, dtype=dtype).eval()
+        self.dtype = next(self.model.parameters()).dtype
         self.input_size = tuple(input_size)
         self.flip_average = flip_average
         self.batch_size = batch_size
@@ -175,9 +182,10 @@ class DepthEstimator:
         for i in range(0, len(frames), self.batch_size):
             x = torch.from_numpy(np.ascontiguousarray(frames[i : i + self.batch_size])).to(self.device)
             pv, pads = preprocess(x, self.input_size)
-            d = self.model(pixel_values=pv).predicted_depth
+            pv = pv.to(self.dtype)
+            d = self.model(pixel_values=pv).predicted_depth.float()
             dflip = (
-                self.model(pixel_values=torch.flip(pv, dims=[-1])).predicted_depth
+                self.model(pixel_values=torch.flip(pv, dims=[-1])).predicted_depth.float()
                 if self.flip_average
                 else None
             )
