@@ -517,7 +517,7 @@ def test_dockerfile_structure():
     at_scale = yaml.safe_load((ROOT / "jobs" / "configs" / "evaluate_sd15.yaml").read_text())
     assert at_scale["metric_models"]["distance"] == "dreamsim"
     assert args["DREAMSIM_WEIGHTS_DIR"] == at_scale["metric_models"]["dreamsim"]
-    assert "dreamsim(pretrained=True" in runs and 'cache_dir=sys.argv[1]' in runs
+    assert "dreamsim(pretrained=True" in runs and "cache_dir=sys.argv[1]" in runs
     assert _dockerfile_workdir(path) == "/app"
     envs = " ".join(a for k, a in ins if k == "ENV")
     assert "RAY_USAGE_STATS_ENABLED=0" in envs  # as the launcher's ray start --disable-usage-stats
