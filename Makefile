@@ -56,17 +56,23 @@ gpu-check: $(STAMP)
 # Wheels for a GPU machine whose Python 3.12 image has torch, transformers' dependencies and
 # accelerate but not our diffusers / DeepSpeed / pinned transformers (README, GPU check): the
 # lock's versions for CPython 3.12 x86-64 into .whl/ (ignored); DeepSpeed, an sdist, is built here
-# into a pure-Python wheel (no ops compiled: they are JIT-built where they run).
+# into a pure-Python wheel (no ops compiled: they are JIT-built where they run), dreamsim too.
 GPU_WHEELS := diffusers transformers huggingface_hub tokenizers hf-xet safetensors pydantic pydantic_core \
   annotated-types typing-inspection hjson importlib_metadata httpx2 httpcore2 truststore click regex typer \
   filelock idna anyio h11 typing_extensions
+# DreamSim (the image has torchvision, timm, peft, scipy) and what it needs beyond them; not in the
+# CPU lock (no torchvision there): the versions pip resolved for dreamsim 0.2.1 on 2026-12-07
+DREAMSIM_VERSION := 0.2.1
+GPU_DREAMSIM_WHEELS := open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.5
 gpu-wheels: $(STAMP)
 	rm -rf .whl && mkdir -p .whl
 	set -o pipefail; $(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 	  $$(for p in $(GPU_WHEELS); do grep -i "^$$p==" $(CONSTRAINTS); done) 2>&1 | { grep -v "$(PIP_NOISE)" || true; }
-	set -o pipefail; $(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w .whl "$$(grep '^deepspeed==' $(CONSTRAINTS))" \
-	  2>&1 | { grep -v "$(PIP_NOISE)" || true; }
+	set -o pipefail; $(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  -d .whl $(GPU_DREAMSIM_WHEELS) 2>&1 | { grep -v "$(PIP_NOISE)" || true; }
+	set -o pipefail; $(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w .whl \
+	  "$$(grep '^deepspeed==' $(CONSTRAINTS))" dreamsim==$(DREAMSIM_VERSION) 2>&1 | { grep -v "$(PIP_NOISE)" || true; }
 	@du -sh .whl
 
 # Submit a job to a Ray cluster and follow it (exit status = the job's):

@@ -23,9 +23,11 @@ script then exits 1 naming the failed ones):
 4. ``oracle``: the sampler test of ``tests/test_sampling.py`` on the device in the model's dtype
    (bf16 on CUDA): an oracle denoiser through ``MVCustomPipeline`` at SD's latent size, for SD's
    epsilon schedule, v-prediction and zero terminal SNR with trailing spacing (CPU fp32: 3.0 %).
-
-Not yet in it: the DreamSim path (the ``dreamsim`` package builds its model from downloaded
-checkpoints only; random ones at its architecture have still to be written).
+5. ``dreamsim``: the evaluation's DreamSim path (the ``dreamsim`` package over the image's CUDA
+   torchvision, through ``DreamSimEncoder``) with random weights at the ensemble's architecture
+   written as the package's checkpoint folder (:func:`write_random_dreamsim`), on generated
+   frames: images/s, embeddings finite, distances. The dry-run reports it skipped, saying why,
+   where the package cannot be imported (the CPU lock has no torchvision).
 
 The device tool's machines have no Ray, DeepSpeed or diffusers: ``make gpu-wheels`` downloads the
 wheels the check needs for Python 3.12 into ``.whl/`` (see the README's GPU check section).
@@ -301,6 +303,103 @@ def check_oracle(device: torch.device, dry: bool) -> dict:
     return out
 
 
+def write_random_dreamsim(folder: str, seed: int = 0) -> None:
+    """A DreamSim ``cache_dir`` holding random weights at the ensemble's architecture, laid out as
+    the package's downloaded checkpoints are, so ``dreamsim(pretrained=True, cache_dir=folder)``
+    (the path :class:`mvcustom.metrics.features.DreamSimEncoder` takes) runs offline:
+
+    * DINO ViT-B/16, which the package gets through ``torch.hub.load('facebookresearch/dino:main')``
+      with the hub directory set to ``folder``: a cached hub repo whose ``hubconf`` builds the
+      package's own copy of DINO's ViT-B/16 (random), marked trusted; and its projection head
+      (``dino_vitb16_pretrain.pth``);
+    * CLIP and OpenCLIP ViT-B/16 converted to that ViT, with their projections
+      (``{clip,open_clip}_vitb16_pretrain.pth.tar``);
+    * the LoRA adapters over all three (``ensemble_lora/``: PEFT's own ``save_pretrained`` of the
+      package's ``PerceptualModel`` with its LoRA config, B initialised random instead of zero so
+      the adapters change the output as trained ones do).
+    """
+    from dreamsim.feature_extraction.vision_transformer import DINOHead, vit_base
+
+    torch.manual_seed(seed)
+    root = Path(folder)
+    repo = root / "facebookresearch_dino_main"
+    repo.mkdir(parents=True, exist_ok=True)
+    (repo / "hubconf.py").write_text(
+        "dependencies = ['torch']\n\n\n"
+        "def dino_vitb16(pretrained=True, **kwargs):\n"
+        "    from dreamsim.feature_extraction.vision_transformer import vit_base\n\n"
+        "    return vit_base(patch_size=16, num_classes=0, **kwargs)\n"
+    )
+    (root / "trusted_list").write_text("facebookresearch_dino\n")
+    head = DINOHead(768, 2048)
+    student = {f"module.head.{k}": v for k, v in head.state_dict().items()}
+    student["module.head.last_layer.weight"] = torch.randn(65536, 256) / 16
+    torch.save({"student": student}, root / "dino_vitb16_pretrain.pth")
+    for name in ("clip_vitb16", "open_clip_vitb16"):
+        vit = vit_base(patch_size=16)
+        vit.pos_drop = torch.nn.LayerNorm(vit.embed_dim)
+        state = dict(vit.state_dict())
+        state["proj"] = torch.randn(768, 512) / 768**0.5
+        torch.save({"state_dict": state}, root / f"{name}_pretrain.pth.tar")
+
+    from dreamsim.model import PerceptualModel, dreamsim_args
+    from peft import LoraConfig, get_peft_model
+
+    model = PerceptualModel(**dreamsim_args["model_config"]["ensemble"], device="cpu", load_dir=folder)
+    lora = LoraConfig(r=16, lora_alpha=0.5, lora_dropout=0.3, bias="none", target_modules=["qkv"])
+    peft = get_peft_model(model, lora)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    peft.save_pretrained(str(root / "ensemble_lora"))
+
+
+def check_dreamsim(device: torch.device, dry: bool, scratch: str) -> dict:
+    """Section 5: the DreamSim path the evaluation scores consistency and identity with (the
+    ``dreamsim`` package over the image's CUDA torchvision, through
+    :class:`mvcustom.metrics.features.DreamSimEncoder`), random weights at the ensemble's
+    architecture (:func:`write_random_dreamsim`), on two frames rendered by the generator."""
+    from mvcustom.data.generator.scene import render
+    from mvcustom.data.generator.subjects import make_scene, make_subject, subject_extent
+    from mvcustom.geometry.trajectories import orbit
+    from mvcustom.metrics.features import DreamSimEncoder
+    from mvcustom.metrics.similarity import multiview_consistency
+
+    folder = str(Path(scratch) / "dreamsim")
+    write_random_dreamsim(folder)
+    encoder = DreamSimEncoder.from_pretrained(folder, device=device)
+    centre, radius = subject_extent(make_subject("chair", 5))
+    cams = orbit(3, radius=3 * radius, span_deg=40, target=tuple(centre.tolist()), image_hw=(224, 224))
+    frames = render(make_scene("chair", 5, 6), cams).rgb.numpy()  # (3, 224, 224, 3) uint8
+    n = 8 if dry else 64
+    batch = np.concatenate([frames] * (n // len(frames) + 1))[:n]
+    encoder.encode_images(batch[:2])  # warm-up
+    _sync(device)
+    t = time.perf_counter()
+    embeddings = encoder.encode_images(batch)
+    _sync(device)
+    seconds = time.perf_counter() - t
+    same = float(multiview_consistency(embeddings[:1].repeat(2, 1)))
+    return {
+        "label": encoder.label,
+        "embedding_dim": int(embeddings.shape[1]),
+        "images_per_s": round(n / seconds, 2),
+        "distance_adjacent_views": float(multiview_consistency(embeddings[:3])),
+        "distance_identical_images": same,
+        "embeddings_finite": bool(torch.isfinite(embeddings).all()),
+    }
+
+
+def dreamsim_unavailable() -> str | None:
+    """Why the ``dreamsim`` package cannot be imported here, or ``None``."""
+    try:
+        import dreamsim  # noqa: F401
+    except Exception as e:  # ImportError, or torchvision failing to load its operators
+        return f"the dreamsim package is not importable here ({type(e).__name__}: {e})"
+    return None
+
+
 def environment(device: torch.device) -> dict:
     import importlib.metadata as md
 
@@ -315,7 +414,7 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-CHECKS = ("train", "sample", "zoedepth", "oracle")
+CHECKS = ("train", "sample", "zoedepth", "oracle", "dreamsim")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,8 +440,14 @@ def main(argv: list[str] | None = None) -> int:
                     report[name] = check_sample(device, args.dry_run)
                 elif name == "zoedepth":
                     report[name] = check_zoedepth(device, args.dry_run)
-                else:
+                elif name == "oracle":
                     report[name] = check_oracle(device, args.dry_run)
+                elif args.dry_run and (why := dreamsim_unavailable()):
+                    # the CPU lock cannot hold torchvision, so neither dreamsim: the rehearsal says
+                    # so; on a GPU a missing package fails the section like any other error
+                    report[name] = {"skipped": why}
+                else:
+                    report[name] = check_dreamsim(device, args.dry_run, scratch)
             except Exception as e:  # one check's failure is recorded; the others still run
                 report[name] = {
                     "error": f"{type(e).__name__}: {e}",

@@ -35,6 +35,13 @@ def test_dry_run_measures_every_section(tmp_path):
     # the sampler oracle, as in tests/test_sampling.py (fp32 on CPU: 3 %, SD's last-step noise)
     for name in ("sd15_epsilon", "sd15_v", "zero_snr_trailing_v"):
         assert report["oracle"][f"{name}_relative_error"] < 0.05, name
+    # DreamSim needs torchvision, which the CPU lock cannot hold: the rehearsal says it skipped and
+    # why (where the package does import, the section ran and measured)
+    dreamsim = report["dreamsim"]
+    if "skipped" in dreamsim:
+        assert "dreamsim package is not importable" in dreamsim["skipped"]
+    else:
+        assert dreamsim["embeddings_finite"] and dreamsim["distance_identical_images"] < 1e-5
 
 
 def test_a_failing_section_is_recorded_and_fails_the_run(tmp_path, monkeypatch):
