@@ -410,3 +410,27 @@ def test_remote_outputs_log_the_same_artifacts_as_local_ones(tmp_path):
     assert {a.path for a in client.list_artifacts(rid, "report")} == {"report/index.html", "report/images"}
     local = client.download_artifacts(rid, "report/images/a_grid.png", str(tmp_path))
     assert Path(local).read_bytes() == b"png"
+
+
+def test_summary_rows_with_a_metric_column_missing_entirely():
+    """Results scored without some metric (its columns absent from the aggregate) still make the
+    report's rows; the missing cells are blank (this raised a TypeError comparing None with ints)."""
+    import pandas as pd
+
+    from pipelines.evaluation.report import REPORT_COLUMNS, summary_rows
+
+    table = pd.DataFrame(
+        [
+            {
+                "level": "all",
+                "variant": "main",
+                "pose_accuracy_mean": 0.5,
+                "pose_accuracy_std": 0.1,
+                "pose_accuracy_count": 3,
+            }
+        ]
+    )
+    (row,) = summary_rows(table, "all")
+    assert row["label"] == "main" and row["n"] == 3
+    cpa = next(short for c, short, *_ in REPORT_COLUMNS if c == "pose_accuracy")
+    assert "0.500" in row[cpa]

@@ -73,9 +73,8 @@ def summary_rows(table, level: str) -> list[dict]:
     rows = []
     for r in table[table["level"] == level].to_dict("records"):
         label = r["variant"] + (f" / {r['trajectory_name']}" if level == "by_trajectory" else "")
-        counts = [
-            r.get(f"{c}_count") for c, *_ in REPORT_COLUMNS if r.get(f"{c}_count") == r.get(f"{c}_count")
-        ]
+        # a column absent from the results (None) or empty for this row (NaN) counts no sample
+        counts = [n for c, *_ in REPORT_COLUMNS if (n := r.get(f"{c}_count")) is not None and n == n]
         cells = {
             short: _cell(r.get(f"{c}_mean"), fmt, r.get(f"{c}_std")) for c, short, _, fmt in REPORT_COLUMNS
         }
