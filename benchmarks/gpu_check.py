@@ -264,21 +264,11 @@ def check_zoedepth(device: torch.device, dry: bool) -> dict:
 def check_oracle(device: torch.device, dry: bool) -> dict:
     """Section 4 (see the module docstring)."""
     from mvcustom.geometry.trajectories import orbit
-    from mvcustom.inference.oracle import OracleDenoiser
+    from mvcustom.inference.oracle import ORACLE_SCHEDULES, OracleDenoiser
     from mvcustom.inference.pipeline import InferenceOptions, MVCustomPipeline
     from mvcustom.models import MVCustomConfig, MVCustomModel
-    from mvcustom.models.components import SD_SCHEDULER
 
-    schedules = {
-        "sd15_epsilon": dict(SD_SCHEDULER),
-        "sd15_v": dict(SD_SCHEDULER, prediction_type="v_prediction"),
-        "zero_snr_trailing_v": dict(
-            SD_SCHEDULER,
-            prediction_type="v_prediction",
-            rescale_betas_zero_snr=True,
-            timestep_spacing="trailing",
-        ),
-    }
+    schedules = ORACLE_SCHEDULES
     size = SIZES["dry" if dry else "full"]
     H, W = size["hw"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

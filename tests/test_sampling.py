@@ -15,19 +15,12 @@ import pytest
 import torch
 
 from mvcustom.geometry.trajectories import orbit
-from mvcustom.inference.oracle import OracleDenoiser, reference_alphas_cumprod
+from mvcustom.inference.oracle import ORACLE_SCHEDULES, OracleDenoiser, reference_alphas_cumprod
 from mvcustom.inference.pipeline import InferenceOptions, MVCustomPipeline
 from mvcustom.models import MVCustomConfig, MVCustomModel
-from mvcustom.models.components import SD_SCHEDULER
 from mvcustom.models.schedule import build_scheduler
 
-SCHEDULES = {
-    "sd15_epsilon": dict(SD_SCHEDULER),
-    "sd15_v": dict(SD_SCHEDULER, prediction_type="v_prediction"),
-    "zero_snr_trailing_v": dict(
-        SD_SCHEDULER, prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing"
-    ),
-}
+SCHEDULES = ORACLE_SCHEDULES
 FRAMES, HW = 4, (64, 64)
 #: "within a few percent" of x0 after 50 DDIM steps. Measured 3.0 % for each schedule: SD's
 #: set_alpha_to_one=false ends DDIM at timestep 0's noise level, sqrt(1 - 0.99915) = 2.9 % of

@@ -14,9 +14,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mvcustom.models.components import SD_SCHEDULER
 from mvcustom.models.mvcustom import DenoiseOutput
 
 Tensor = torch.Tensor
+
+#: The schedules the sampler is checked on: SD 1.5's (epsilon), v-prediction, and zero terminal
+#: SNR with trailing spacing (``tests/test_sampling.py``, ``benchmarks/gpu_check.py``).
+ORACLE_SCHEDULES = {
+    "sd15_epsilon": dict(SD_SCHEDULER),
+    "sd15_v": dict(SD_SCHEDULER, prediction_type="v_prediction"),
+    "zero_snr_trailing_v": dict(
+        SD_SCHEDULER, prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing"
+    ),
+}
 
 
 def reference_alphas_cumprod(config: dict) -> np.ndarray:
