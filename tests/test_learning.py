@@ -43,10 +43,11 @@ def test_a_model_trained_from_scratch_learns_the_scene_and_its_cameras(tmp_path)
     from mvcustom.data.generator import generate_sample_data
     from mvcustom.geometry.camera import Cameras
     from mvcustom.inference.pipeline import InferenceOptions, MVCustomPipeline
+    from mvcustom.metrics.fidelity import psnr
     from mvcustom.models import MVCustomConfig, MVCustomModel
     from mvcustom.training.data import sample_stream
     from mvcustom.training.launch import run_local
-    from mvcustom.training.standins import psnr, train_image_prior, train_vae
+    from mvcustom.training.standins import train_image_prior, train_vae
     from pipelines.preprocess import preprocess_inline
 
     # 1. the scene, in CO3D's on-disk format, preprocessed into one 8-frame clip

@@ -20,6 +20,7 @@ from mvcustom.metrics.similarity import (
     multiview_consistency,
     score_views,
     text_alignment,
+    truth_distance,
 )
 
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "pose_accuracy",
     "score_views",
     "text_alignment",
+    "truth_distance",
 ]

@@ -73,6 +73,23 @@ def identity_distance(view_features: Tensor, reference_features: Tensor) -> floa
     return float((1.0 - g @ r.T).mean())
 
 
+def truth_distance(view_features: Tensor, truth_features: Tensor) -> float:
+    """Mean cosine distance between each generated view and the true view at its camera (lower
+    is better): identity measured against the subject's true renders, view by view.
+
+    Args:
+        view_features: ``(F, D)`` embeddings of the generated views.
+        truth_features: ``(F, D)`` embeddings of the true views at the same cameras, same order.
+    Returns:
+        ``mean_f (1 - cos(e_f, t_f))``, in [0, 2].
+    """
+    g = _features(view_features, "view_features")
+    t = _features(truth_features, "truth_features")
+    if g.shape != t.shape:
+        raise ValueError(f"view_features {tuple(g.shape)} and truth_features {tuple(t.shape)} must pair up")
+    return float((1.0 - (g * t).sum(-1)).mean())
+
+
 def text_alignment(image_features: Tensor, text_feature: Tensor) -> float:
     """Mean CLIP cosine similarity between the views and the prompt (higher is better).
 

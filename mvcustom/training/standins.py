@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from mvcustom.metrics.fidelity import psnr
 from mvcustom.models.mvcustom import MVCustomModel
 
 Tensor = torch.Tensor
@@ -95,14 +96,3 @@ def train_image_prior(
     model.eval()
     tail = losses[-max(1, steps // 10) :]
     return {"prior_loss": sum(tail) / len(tail)}
-
-
-def psnr(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
-    """PSNR in dB of images in ``[-1, 1]`` (peak-to-peak 2), over all pixels or ``mask``'s."""
-    err = (a.float() - b.float()) ** 2
-    if mask is not None:
-        m = mask.float().expand_as(err)
-        mse = (err * m).sum() / m.sum().clamp_min(1)
-    else:
-        mse = err.mean()
-    return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))

@@ -30,8 +30,8 @@ from pipelines.evaluation.spec import safe_name
 def load_references(shards: str, sequence: str | None, num: int, image_hw: tuple[int, int]):
     """``num`` views spread over the first clip of ``sequence`` (``None``: the first clip in
     the shards), resized to ``image_hw``, as :class:`ReferenceViews`, with the clip's key and
-    category (the class word of the text-alignment prompt). One clip, because
-    preprocessing normalises each clip's world frame on its own."""
+    metadata (its ``category`` is the class word of the text-alignment prompt). One clip,
+    because preprocessing normalises each clip's world frame on its own."""
     from mvcustom.data.reader import make_clip_dataset
     from mvcustom.inference.pipeline import ReferenceViews
     from mvcustom.training.data import resize_sample
@@ -51,11 +51,7 @@ def load_references(shards: str, sequence: str | None, num: int, image_hw: tuple
         )
         cams = Cameras(s["extrinsics"][idx].double(), s["intrinsics"][idx].double(), image_hw)
         masks = (s["mask"][idx] > 0.5).numpy() if "mask" in s else None
-        return (
-            ReferenceViews(np.ascontiguousarray(images), cams, masks),
-            sample["key"],
-            sample["meta"].get("category"),
-        )
+        return ReferenceViews(np.ascontiguousarray(images), cams, masks), sample["key"], sample["meta"]
     raise ValueError(f"{shards}: no clip of sequence {sequence!r}" if sequence else f"{shards}: no clips")
 
 
@@ -163,17 +159,26 @@ class GenerateSamples:
         self.references: dict[tuple, tuple] = {}
 
     def _refs(self, row: dict, image_hw):
-        """The subject's reference views and the folder they are saved in (for the identity
-        metric): loaded and written once per subject and actor."""
-        key = (row["shards"], row["sequence"], row["num_references"])
+        """The subject's reference views, the folder they are saved in (for the identity
+        metric), its category and, for a subject with ``ground_truth``, where its true views
+        come from (:class:`~mvcustom.data.generator.truth.SubjectTruth` as JSON): loaded and
+        written once per subject and actor."""
+        key = (row["shards"], row["sequence"], row["num_references"], row.get("ground_truth"))
         if key not in self.references:
-            refs, clip_key, category = load_references(
+            refs, clip_key, clip_meta = load_references(
                 row["shards"], row["sequence"], row["num_references"], image_hw
             )
+            truth = None
+            if row.get("ground_truth"):
+                from dataclasses import asdict
+
+                from mvcustom.data.generator.truth import SubjectTruth
+
+                truth = json.dumps(asdict(SubjectTruth.from_clip_meta(row["ground_truth"], clip_meta)))
             ref_dir = f"{self.cfg.output.rstrip('/')}/references/{safe_name(clip_key)}-{len(refs.images)}"
             for i, im in enumerate(refs.images):
                 write_png(f"{ref_dir}/ref_{i:03d}.png", im)
-            self.references[key] = (refs, ref_dir, category)
+            self.references[key] = (refs, ref_dir, clip_meta.get("category"), truth)
         return self.references[key]
 
     def generate(self, row: dict) -> dict:
@@ -186,7 +191,7 @@ class GenerateSamples:
         device = self.pipe.model.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        refs, ref_dir, category = self._refs(row, image_hw)
+        refs, ref_dir, category, truth = self._refs(row, image_hw)
         traj = dict(json.loads(row["trajectory"]))
         kind = traj.pop("kind")
         traj.pop("name", None)
@@ -219,6 +224,7 @@ class GenerateSamples:
             "cameras": cameras_json(cams),
             "references": ref_dir,
             "subject_category": category,
+            "subject_truth": truth,  # JSON of SubjectTruth, or None: scoring renders the true views
             "num_reference_views": len(refs.images),
             "stt_radius": opts.radius,
             "stt_radius_source": "variant option radius" if "radius" in overrides else self.stt_radius_source,

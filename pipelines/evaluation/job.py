@@ -25,7 +25,7 @@ from mvcustom.configs.common import init_ray, retry_args_allowed
 from pipelines.evaluation.files import read_json, records, sample_dir, write_json
 from pipelines.evaluation.generate import GenerateSamples, stt_radius_of
 from pipelines.evaluation.report import write_report
-from pipelines.evaluation.score import METRICS, ScoreSamples, aggregate
+from pipelines.evaluation.score import METRICS, TRUTH_METRICS, ScoreSamples, aggregate
 from pipelines.evaluation.spec import SPEC_COLUMNS, load_spec
 
 # settings that change what a sample or its scores are (the rest only change how fast)
@@ -107,7 +107,9 @@ def check_fingerprint(cfg) -> None:
 
 
 def _check_row(row: dict, stored: dict, what: str) -> None:
-    changed = [c for c in SPEC_COLUMNS if c != "shards" and c in stored and str(stored[c]) != str(row[c])]
+    # where the shards and the ground truth live may move; what is generated and scored may not
+    movable = ("shards", "ground_truth")
+    changed = [c for c in SPEC_COLUMNS if c not in movable and c in stored and str(stored[c]) != str(row[c])]
     if changed:
         raise ValueError(
             f"sample {row['sample_id']}: its {what} was made for another spec row (changed: {', '.join(changed)}); "
@@ -212,6 +214,7 @@ def run_evaluate(cfg) -> dict:
     scored = results[results["status"] == "scored"]
     for m in (
         *METRICS,
+        *TRUTH_METRICS,
         "colmap_points",
         "covered_fraction",
         "score_seconds",
@@ -355,7 +358,7 @@ def _log_mlflow(cfg, summary: dict, results, table) -> str | None:
     shown = results[results["status"] == "scored"].head(cfg.report_samples)
     for sid in shown["sample_id"]:
         d = sample_dir(out, sid)
-        log_artifact(client, rid, f"{d}/grid.png", f"samples/{sid}")
-        log_artifact(client, rid, f"{d}/trajectory.png", f"samples/{sid}")
+        for name in ("grid", "trajectory", "truth_grid"):  # truth_grid: subjects with ground truth
+            log_artifact(client, rid, f"{d}/{name}.png", f"samples/{sid}")
     client.set_terminated(rid)
     return rid

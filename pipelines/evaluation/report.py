@@ -21,6 +21,18 @@ REPORT_COLUMNS = (
     ("peak_gpu_memory_gib", "GiB", "↓", "{:.1f}"),
 )
 
+#: Against the true view at each requested camera (subjects with ``ground_truth``): shown as a
+#: second table when the results have them.
+TRUTH_COLUMNS = (
+    ("psnr_truth", "PSNR", "↑", "{:.2f}"),
+    ("psnr_truth_subject", "PSNR subj.", "↑", "{:.2f}"),
+    ("ssim_truth", "SSIM", "↑", "{:.3f}"),
+    ("ssim_truth_subject", "SSIM subj.", "↑", "{:.3f}"),
+    ("identity_truth", "ID-truth", "↓", "{:.3f}"),
+    ("rotation_error_deg", "rot. err °", "↓", "{:.1f}"),
+    ("translation_error_deg", "transl. dir. err °", "↓", "{:.1f}"),
+)
+
 #: The paper's published figures (PAPER.md §6, Table 2 and Table A1), for the report's context:
 #: mean, or (mean, std). They come from the paper's models and its (partly unstated) metric
 #: definitions, never from this code.
@@ -65,32 +77,31 @@ def _cell(value, fmt: str, std=None) -> str:
     return out
 
 
-def summary_rows(table, level: str) -> list[dict]:
-    """Rows of Table 2's layout from :func:`aggregate`'s table at ``level`` (``all`` or
-    ``by_trajectory``): per row its label, ``n`` and one formatted cell per column."""
+def summary_rows(table, level: str, columns=REPORT_COLUMNS) -> list[dict]:
+    """Rows of Table 2's layout (or another of ``columns``) from :func:`aggregate`'s table at
+    ``level`` (``all`` or ``by_trajectory``): per row its label, ``n`` and one formatted cell
+    per column."""
     if table is None or not len(table):
         return []
     rows = []
     for r in table[table["level"] == level].to_dict("records"):
         label = r["variant"] + (f" / {r['trajectory_name']}" if level == "by_trajectory" else "")
         # a column absent from the results (None) or empty for this row (NaN) counts no sample
-        counts = [n for c, *_ in REPORT_COLUMNS if (n := r.get(f"{c}_count")) is not None and n == n]
-        cells = {
-            short: _cell(r.get(f"{c}_mean"), fmt, r.get(f"{c}_std")) for c, short, _, fmt in REPORT_COLUMNS
-        }
+        counts = [n for c, *_ in columns if (n := r.get(f"{c}_count")) is not None and n == n]
+        cells = {short: _cell(r.get(f"{c}_mean"), fmt, r.get(f"{c}_std")) for c, short, _, fmt in columns}
         rows.append({"label": label, "n": int(max(counts)) if counts else 0, **cells})
     return rows
 
 
-def _html_table(rows: list[dict], css_class: str = "") -> str:
+def _html_table(rows: list[dict], css_class: str = "", columns=REPORT_COLUMNS) -> str:
     import html
 
     head = "<th>method</th><th>n</th>" + "".join(
-        f"<th>{short} {arrow}</th>" for _, short, arrow, _ in REPORT_COLUMNS
+        f"<th>{short} {arrow}</th>" for _, short, arrow, _ in columns
     )
     body = "".join(
         f"<tr class='{css_class}'><td>{html.escape(r['label'])}</td><td>{r['n']}</td>"
-        + "".join(f"<td>{html.escape(r[short])}</td>" for _, short, _, _ in REPORT_COLUMNS)
+        + "".join(f"<td>{html.escape(r[short])}</td>" for _, short, _, _ in columns)
         + "</tr>"
         for r in rows
     )
@@ -175,11 +186,12 @@ def write_report(output: str, results, table, run_url: str | None = None) -> str
         "from its models and its metric definitions, which the paper leaves partly open (our CPA is our own "
         "definition): context, not a like-for-like comparison."
     )
+    truth = any(isinstance(r.get("psnr_truth"), int | float) for r in scored)
     samples = []
     for r in records:
         sid = r["sample_id"]
         imgs = []
-        for name in ("grid", "trajectory"):
+        for name in ("grid", "truth_grid", "trajectory"):
             src = f"{out}/samples/{sid}/{name}.png"
             sfs, spath = fsspec.core.url_to_fs(src)
             if sfs.exists(spath):
@@ -190,7 +202,7 @@ def write_report(output: str, results, table, run_url: str | None = None) -> str
                 imgs.append(f"<img alt='{name}' src='images/{safe_name(sid)}_{name}.png'>")
         figures = " · ".join(
             f"{short} {fmt.format(r[c])}"
-            for c, short, _, fmt in REPORT_COLUMNS
+            for c, short, _, fmt in (*REPORT_COLUMNS, *TRUTH_COLUMNS)
             if isinstance(r.get(c), int | float) and r.get(c) == r.get(c)
         )
         cov = r.get("covered_fraction")
@@ -232,6 +244,17 @@ def write_report(output: str, results, table, run_url: str | None = None) -> str
         + _html_table(summary_rows(table, "all"))
         + "<p>The paper's published figures, for context:</p>"
         + _html_table(_published_rows(), "published")
+        + (
+            "<h2 id='truth'>Against the true views (mean ± std over scored samples)</h2>"
+            "<p>The generator renders what its camera would have photographed at every requested "
+            "camera: PSNR and SSIM of each frame against that true view (the whole frame, and the "
+            "subject's pixels), identity to truth (the distance model's distance of each frame to "
+            "its true view) and the median SfM pose errors against the requested cameras. "
+            "Below each sample: its frames above the true views.</p>"
+            + _html_table(summary_rows(table, "all", TRUTH_COLUMNS), columns=TRUTH_COLUMNS)
+            if truth
+            else ""
+        )
         + "<h2>Per trajectory</h2>"
         + _html_table(summary_rows(table, "by_trajectory"))
         + "<h2>Samples</h2>"

@@ -24,6 +24,17 @@ from pipelines.evaluation.files import (
 )
 
 METRICS = ("pose_accuracy", "multiview_consistency", "identity", "text_alignment", "clip_image_similarity")
+#: against the true view at each requested camera, for subjects with ``ground_truth``
+#: (:meth:`ScoreSamples.score_truth`); the pose errors are the SfM medians behind pose_accuracy
+TRUTH_METRICS = (
+    "psnr_truth",
+    "psnr_truth_subject",
+    "ssim_truth",
+    "ssim_truth_subject",
+    "identity_truth",
+    "rotation_error_deg",
+    "translation_error_deg",
+)
 
 
 class ScoreSamples:
@@ -74,11 +85,37 @@ class ScoreSamples:
             "colmap_points": pose.colmap_points,
             **sims,
             "text_alignment_prompt": text_prompt,
-            "score_seconds": time.perf_counter() - t0,
         }
+        if meta.get("subject_truth"):
+            result.update(self.score_truth(out, frames, cams, meta["subject_truth"]))
+        result["score_seconds"] = time.perf_counter() - t0
         write_png(f"{out}/trajectory.png", trajectory_plot(cams, pose.recovered, pose.registered_frames))
         write_json(f"{out}/result.json", result)
         return result
+
+    def score_truth(self, out: str, frames: np.ndarray, cams: Cameras, subject_truth: str) -> dict:
+        """Scores against the true view at each requested camera, which the generator renders
+        (:func:`~mvcustom.data.generator.truth.true_views`): PSNR and SSIM of the whole frame
+        and of the subject (:func:`~mvcustom.metrics.fidelity.truth_scores`), and identity to
+        truth, the distance model's distance of each frame to its true view
+        (:func:`~mvcustom.metrics.truth_distance`). Writes the true views (``truth_000.png``...)
+        and ``truth_grid.png`` (generated frames above the true views)."""
+        from mvcustom.data.generator.truth import SubjectTruth, true_views
+        from mvcustom.metrics import truth_distance
+        from mvcustom.metrics.fidelity import truth_scores
+        from pipelines.evaluation.generate import video_grid_image
+
+        truth, mask = true_views(SubjectTruth(**json.loads(subject_truth)), cams)
+        for i, f in enumerate(truth):
+            write_png(f"{out}/truth_{i:03d}.png", f)
+        write_png(
+            f"{out}/truth_grid.png", np.concatenate([video_grid_image(frames), video_grid_image(truth)])
+        )
+        dist = self.distance or self.encoder
+        return {
+            **truth_scores(frames, truth, mask),
+            "identity_truth": truth_distance(dist.encode_images(frames), dist.encode_images(truth)),
+        }
 
     def __call__(self, batch: dict) -> dict:
         out = []
@@ -127,7 +164,7 @@ def aggregate(results) -> pd.DataFrame:  # noqa: F821
         json.loads(t).get("name", json.loads(t)["kind"]) for t in scored["trajectory"]
     ]
     extra = ("colmap_points", "covered_fraction", "generate_seconds", "peak_gpu_memory_gib", "score_seconds")
-    cols = [c for c in (*METRICS, *extra) if c in scored]
+    cols = [c for c in (*METRICS, *TRUTH_METRICS, *extra) if c in scored]
     for c in cols:
         scored[c] = pd.to_numeric(scored[c], errors="coerce")
     groups = {

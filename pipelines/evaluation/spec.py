@@ -5,6 +5,9 @@ YAML, a cross product::
 
     subjects:                       # reference views come from the subject's shards
       - {name: teddy, shards: .demo/shards/co3d, sequence: null, num_references: 2}
+      # a subject from our generator: ground_truth (its ground_truth folder) adds the scores
+      # against the true view at every requested camera (PSNR, SSIM, identity to truth)
+      - {name: chair, shards: .demo/shards/co3d, sequence: 101_1234_5678, ground_truth: .demo/data/ground_truth}
     prompts: ["a photo of a <sks> teddybear on a beach"]
     trajectories:                   # placed around the subject (geometry.place_trajectory)
       - {name: arc60, kind: arc, span_deg: 60}
@@ -47,6 +50,7 @@ SPEC_COLUMNS = (
     "seed",
     "variant",
     "options",
+    "ground_truth",
 )
 SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -86,12 +90,15 @@ def check_variant(name: str, options: dict) -> None:
 class SubjectSpec:
     """A subject: its ``name`` (in sample ids and the report), the ``shards`` its reference
     views come from, the ``sequence`` to take them from (``None``: the first clip) and how many
-    (``None``: the evaluation config's ``num_references``)."""
+    (``None``: the evaluation config's ``num_references``). ``ground_truth``: for a subject our
+    generator made, its ``ground_truth`` folder (``mvcustom.data.generator.truth``); each sample
+    is then also scored against the true view at every requested camera."""
 
     name: str
     shards: str
     sequence: str | None = None
     num_references: int | None = None
+    ground_truth: str | None = None
 
     def __post_init__(self) -> None:
         check(bool(self.name) and bool(self.shards), "a subject needs a 'name' and 'shards'")
@@ -141,6 +148,7 @@ class EvalSpec:
                                 "seed": seed,
                                 "variant": vname,
                                 "options": json.dumps(vopts or {}, sort_keys=True),
+                                "ground_truth": subject.ground_truth,
                             }
                             row["sample_id"] = sample_id(row)
                             rows.append(row)
@@ -182,6 +190,7 @@ def _parquet_rows(path: str, default_references: int) -> list[dict]:
             "seed": int(r["seed"]),
             "variant": str(r.get("variant") or "mvcustom"),
             "options": r.get("options") or "{}",
+            "ground_truth": r.get("ground_truth") if isinstance(r.get("ground_truth"), str) else None,
         }
         try:
             check_trajectory_spec(json.loads(row["trajectory"]))

@@ -242,6 +242,10 @@ def write_co3d(out: str, cfg: Co3dSampleConfig, seed: int, gt_out: str) -> dict:
                 frame_numbers=np.arange(len(cams)),
                 world_from_canonical=T.numpy(),
                 world_scale=np.float64(sw),
+                # what rebuilds the scene (make_scene(category, scene_seed, scene_seed)), so a
+                # benchmark can render the true view at any camera (generator.truth)
+                category=np.str_(category),
+                scene_seed=np.int64(sseed),
             )
             index["categories"].setdefault(category, []).append(
                 {
