@@ -218,3 +218,23 @@ def test_evaluation_scores_a_subject_against_its_true_views(clip_and_truth, tmp_
     assert {"psnr_truth_mean", "ssim_truth_subject_mean", "identity_truth_mean"} <= set(table.columns)
     page = open(write_report(str(tmp_path / "eval"), results, table)).read()
     assert "<h2 id='truth'>" in page and "PSNR subj. ↑" in page and "truth_grid.png" in page
+
+
+def test_a_depth_stand_in_learns_the_generators_depth_and_declares_its_input_size(clip_and_truth, tmp_path):
+    """The micro-reproduction's depth stand-in: a tiny random ZoeDepth trained on a clip's exact
+    depths (scene units) lowers its error there; saved, its folder declares the input size it
+    was trained at, which DepthEstimator (and so the inference pipeline) then uses."""
+    from transformers import ZoeDepthForDepthEstimation
+
+    from mvcustom.models.zoedepth import PROCESSOR_INPUT_SIZE, DepthEstimator, tiny_zoedepth_config
+    from mvcustom.training.standins import save_depth_model, train_depth
+
+    _, clip = clip_and_truth
+    torch.manual_seed(0)
+    model = ZoeDepthForDepthEstimation(tiny_zoedepth_config())
+    figures = train_depth(model, clip["frames"], clip["depth"].float(), steps=60, input_size=(64, 64))
+    assert figures["depth_abs_rel"] < 0.75 * figures["depth_abs_rel_before"], figures
+    folder = save_depth_model(model, str(tmp_path / "depth"), (64, 64))
+    assert DepthEstimator(folder, device="cpu").input_size == (64, 64)
+    model.save_pretrained(str(tmp_path / "plain"))  # no preprocessor_config.json: the real default
+    assert DepthEstimator(str(tmp_path / "plain"), device="cpu").input_size == PROCESSOR_INPUT_SIZE

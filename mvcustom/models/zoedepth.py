@@ -138,6 +138,26 @@ def postprocess(
     return d[:, 0, ph : ph + H, pw : pw + W]
 
 
+PROCESSOR_INPUT_SIZE = (384, 512)
+
+
+def processor_input_size(model) -> tuple[int, int]:
+    """The input size a ZoeDepth folder's ``preprocessor_config.json`` declares (``size``:
+    ``{height, width}``); :data:`PROCESSOR_INPUT_SIZE` for a hub id, a built model or a folder
+    without one."""
+    import json
+    import os
+
+    path = os.path.join(model, "preprocessor_config.json") if isinstance(model, str) else None
+    if path is None or not os.path.isfile(path):
+        return PROCESSOR_INPUT_SIZE
+    with open(path) as f:
+        size = json.load(f).get("size") or {}
+    if not isinstance(size, dict) or not {"height", "width"} <= set(size):
+        raise ValueError(f"{path}: 'size' must be {{height, width}}, got {size!r}")
+    return int(size["height"]), int(size["width"])
+
+
 class DepthEstimator:
     """Loads ZoeDepth once and estimates depth for batches of frames.
 
@@ -146,7 +166,9 @@ class DepthEstimator:
         device: ``cuda``/``cpu``/``None`` (CUDA when available).
         dtype: the network's dtype (``None``: as loaded, fp32); e.g. ``torch.bfloat16`` on GPUs.
             Pre- and post-processing stay in fp32; depth comes back as float32.
-        input_size: target network input size (the processor's 384x512 for real checkpoints).
+        input_size: target network input size ``(height, width)``. ``None``: the ``size`` of
+            the model folder's ``preprocessor_config.json`` when it has one (a checkpoint trained
+            at another size says so there), else the processor's 384x512 of the real checkpoints.
         flip_average: average with the prediction of the mirrored image (the processor's default).
         batch_size: frames per forward pass. Two-head checkpoints choose the NYU or KITTI head
             by a vote over the whole batch (transformers sums domain logits over the batch), so
@@ -157,7 +179,7 @@ class DepthEstimator:
         self,
         model: str = DEFAULT_MODEL,
         device: str | None = None,
-        input_size=(384, 512),
+        input_size=None,
         flip_average: bool = True,
         batch_size: int = 8,
         dtype: torch.dtype | None = None,
@@ -170,7 +192,7 @@ class DepthEstimator:
         )
         self.model = net.to(self.device, dtype=dtype).eval()
         self.dtype = next(self.model.parameters()).dtype
-        self.input_size = tuple(input_size)
+        self.input_size = tuple(input_size) if input_size is not None else processor_input_size(model)
         self.flip_average = flip_average
         self.batch_size = batch_size
 
