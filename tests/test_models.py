@@ -406,6 +406,17 @@ def test_save_load_round_trip(tiny_model, tmp_path):
         MVCustomModel.from_pretrained(str(tmp_path / "m" / "unet"))
 
 
+def test_a_model_without_additions_round_trips(tmp_path):
+    """No camera encoder, FeatureNeRF or token (the micro-reproduction's baseline): nothing to
+    save in the additions folder, and it still loads (it used to look for a weights file)."""
+    bare = MVCustomModel.tiny(MVCustomConfig(camera_encoder=False, featurenerf_blocks=[]), seed=1)
+    assert not bare._additions.state_dict()
+    bare.save_pretrained(str(tmp_path / "bare"))
+    loaded = MVCustomModel.from_pretrained(str(tmp_path / "bare"))
+    assert loaded.config == bare.config
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in bare.state_dict().items())
+
+
 def test_export_is_a_diffusers_pipeline_folder(tiny_model, tmp_path):
     """The export loads in stock diffusers: DiffusionPipeline.from_pretrained gives an
     AnimateDiffPipeline with our image + motion layers, load_textual_inversion adds the subject

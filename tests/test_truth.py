@@ -238,3 +238,14 @@ def test_a_depth_stand_in_learns_the_generators_depth_and_declares_its_input_siz
     assert DepthEstimator(folder, device="cpu").input_size == (64, 64)
     model.save_pretrained(str(tmp_path / "plain"))  # no preprocessor_config.json: the real default
     assert DepthEstimator(str(tmp_path / "plain"), device="cpu").input_size == PROCESSOR_INPUT_SIZE
+
+
+def test_the_generator_takes_large_seeds():
+    """A sample seed above ~26 overflowed the texture hash (int64) and crashed the generator."""
+    from mvcustom.data.generator.scene import render
+    from mvcustom.data.generator.subjects import make_scene
+    from mvcustom.geometry.trajectories import orbit
+
+    for seed in (101 * 1_000_003, 2**40 + 5):
+        rend = render(make_scene("car", seed, seed), orbit(1, image_hw=(16, 16)))
+        assert rend.foreground.any() and rend.rgb.float().std() > 0

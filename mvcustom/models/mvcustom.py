@@ -476,7 +476,10 @@ class MVCustomModel(nn.Module):
                 scheduler=scheduler,
             )
             model = cls(components, cfg)
-            state = load_file(os.path.join(local, ADDITIONS, ADDITIONS_WEIGHTS))
+            weights = os.path.join(local, ADDITIONS, ADDITIONS_WEIGHTS)
+            # a model without additions (no camera encoder, FeatureNeRF or tokens: a baseline)
+            # has no weights to save, and diffusers writes no file for it
+            state = load_file(weights) if os.path.exists(weights) or model._additions.state_dict() else {}
             missing, unexpected = model._additions.load_state_dict(state, strict=False)
             if missing or unexpected:
                 raise ValueError(

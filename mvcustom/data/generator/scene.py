@@ -171,7 +171,9 @@ def _intersect_unit(kind: str, o: Tensor, d: Tensor, inside: bool) -> tuple[Tens
 def _hash3(cells: Tensor, seed: int) -> Tensor:
     """Deterministic non-negative int64 hash of integer lattice coordinates ``(..., 3)``."""
     x, y, z = cells.unbind(-1)
-    h = (x * 73856093) ^ (y * 19349663) ^ (z * 83492791) ^ (seed * 2654435761)
+    # the seed reduced first: primitive seeds grow with the sample seed (x 1_000_003 x 131), and
+    # an int64 product of a larger one overflowed (sample seeds above ~26 crashed)
+    h = (x * 73856093) ^ (y * 19349663) ^ (z * 83492791) ^ ((seed % 2**31) * 2654435761)
     h = h & 0x7FFFFFFF
     h = ((h >> 16) ^ h) * 0x45D9F3B & 0x7FFFFFFF
     h = ((h >> 16) ^ h) * 0x45D9F3B & 0x7FFFFFFF
