@@ -684,7 +684,9 @@ def log_summary(uri: str, report: dict, grid: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the <= 10 min scale (fewer subjects, steps, seeds)")
-    ap.add_argument("--toy", action="store_true", help="the same code path at toy size (tests; figures meaningless)")
+    ap.add_argument(
+        "--toy", action="store_true", help="the same code path at toy size (tests; figures meaningless)"
+    )
     ap.add_argument("--out", default=str(ROOT / ".tmp" / "micro_reproduction"), help="work folder (emptied)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda implies --in-process")
     ap.add_argument("--in-process", action="store_true", help="no Ray: the jobs' work in this process")
