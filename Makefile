@@ -35,20 +35,13 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null; }
 
-# Two pytest-xdist workers: the suite waits on Ray, subprocesses and sockets most of its time
-# (one worker kept 0.6 of the 2 cores busy), so two halve the wall time. worksteal: each worker
-# starts on its half of the collection and takes tests from the other's tail when it runs dry.
-# Each worker has its own temp, Ray and MLflow folders (tests/conftest.py). PYTEST_WORKERS=0: serial.
-PYTEST_WORKERS ?= 2
-XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist worksteal)
-
 test: $(STAMP) browser
 	@mkdir -p $(TMP_ROOT)
-	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	@mkdir -p $(TMP_ROOT)
-	$(BIN)/python -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	@mkdir -p $(TMP_ROOT)

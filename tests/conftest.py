@@ -9,23 +9,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 _SCRATCH = Path(os.environ.get("TMP_ROOT", ROOT / ".tmp"))
-# Under pytest-xdist (make test runs two workers) each worker gets its own temp, Ray and MLflow
-# folders: a local ray.init() finds "the latest cluster" through RAY_TMPDIR, and two processes
-# creating one sqlite MLflow store race on its migrations. Compiled torch extensions are shared
-# (torch's build lock serialises the first build).
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
-_OWN = _SCRATCH / _WORKER if _WORKER else _SCRATCH  # short: Ray puts unix sockets under it
-for _name, _root, _sub in (
-    ("TMPDIR", _OWN, "tmp"),
-    ("RAY_TMPDIR", _OWN, "ray"),
-    ("TORCH_EXTENSIONS_DIR", _SCRATCH, "torch_extensions"),
-    ("HF_HOME", _SCRATCH, "hf"),
+for _name, _sub in (
+    ("TMPDIR", "tmp"),
+    ("RAY_TMPDIR", "ray"),
+    ("TORCH_EXTENSIONS_DIR", "torch_extensions"),
+    ("HF_HOME", "hf"),
 ):
-    (_root / _sub).mkdir(parents=True, exist_ok=True)
-    os.environ[_name] = str(_root / _sub)
+    (_SCRATCH / _sub).mkdir(parents=True, exist_ok=True)
+    os.environ[_name] = str(_SCRATCH / _sub)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_OWN / 'mlflow.db'}"
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SCRATCH / 'mlflow.db'}"
 import tempfile  # noqa: E402  (after TMPDIR is set, so tempfile uses it)
 
 tempfile.tempdir = None
