@@ -117,7 +117,7 @@ QUICK = Scale(
     stage2_steps=60,
     eval_frames=4,
     ddim_steps=20,
-    guidance_scale=2.0,
+    guidance_scale=1.0,
     seeds=[0, 1],
     trajectories=[{"name": "arc90", "kind": "arc", "span_deg": 90}],
 )
@@ -138,7 +138,7 @@ DEFAULT = Scale(
     stage2_steps=200,
     eval_frames=4,
     ddim_steps=25,
-    guidance_scale=2.0,
+    guidance_scale=1.0,
     seeds=[0, 1, 2],
     trajectories=[
         {"name": "arc90", "kind": "arc", "span_deg": 90},

@@ -406,6 +406,19 @@ def test_save_load_round_trip(tiny_model, tmp_path):
         MVCustomModel.from_pretrained(str(tmp_path / "m" / "unet"))
 
 
+def test_the_subject_token_gets_a_gradient_from_every_prompt():
+    """Caption dropout gives stage 2 empty prompts. The token's embedding must still get a
+    gradient, zeros, not None: under ZeRO-2 a rank without it reduces one tensor fewer than the
+    others and the all-reduce desynchronises (gloo aborted a 2-worker customization run)."""
+    model = MVCustomModel.tiny(MVCustomConfig(subject_tokens=["<sks>"], subject_init_words=["toy"]), seed=0)
+    extra = model.text_encoder.get_input_embeddings().extra
+    for prompt, used in (("", False), ("a photo of <sks> teddybear", True)):
+        extra.grad = None
+        model.encode_prompt([prompt]).float().pow(2).sum().backward()
+        assert extra.grad is not None, prompt
+        assert bool(extra.grad.abs().sum() > 0) == used, prompt
+
+
 def test_a_model_without_additions_round_trips(tmp_path):
     """No camera encoder, FeatureNeRF or token (the micro-reproduction's baseline): nothing to
     save in the additions folder, and it still loads (it used to look for a weights file)."""

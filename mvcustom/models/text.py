@@ -96,10 +96,12 @@ class SubjectEmbedding(nn.Module):
         n = self.base.num_embeddings
         is_new = input_ids >= n
         out = self.base(input_ids.clamp(max=n - 1))
-        if is_new.any():
-            extra = F.embedding((input_ids - n).clamp(min=0), self.extra.to(out.dtype))
-            out = torch.where(is_new.unsqueeze(-1), extra, out)
-        return out
+        # always in the graph, also for prompts without a new token: its gradient is then zeros,
+        # never None. Under ZeRO-2 a rank whose batch lacks the token (an empty prompt from
+        # caption dropout) would otherwise reduce one tensor fewer than the others, and the
+        # mismatched all-reduce crashed gloo ("op.preamble.length") on 2 CPU workers.
+        extra = F.embedding((input_ids - n).clamp(min=0), self.extra.to(out.dtype))
+        return torch.where(is_new.unsqueeze(-1), extra, out)
 
 
 def add_subject_tokens(
