@@ -406,6 +406,18 @@ def test_save_load_round_trip(tiny_model, tmp_path):
         MVCustomModel.from_pretrained(str(tmp_path / "m" / "unet"))
 
 
+def test_a_single_frame_at_32_pixels_passes_the_camera_encoder():
+    """The anchor pass denoises one frame; at 32x32 (latents 4x4) the camera encoder's deepest
+    maps are 1x1, where one channel per GroupNorm group made torch refuse the call."""
+    model = MVCustomModel.tiny(seed=0).eval()
+    cams = orbit(1, image_hw=(32, 32))
+    with torch.no_grad():
+        text = model.encode_prompt(["a"])
+        cams = ClipCameras(cams.w2c[None].float(), cams.K[None].float(), (32, 32))
+        out = model(torch.randn(1, 1, 4, 4, 4), torch.tensor([10]), text, cams)
+    assert torch.isfinite(out.sample).all() and out.sample.shape == (1, 1, 4, 4, 4)
+
+
 def test_the_subject_token_gets_a_gradient_from_every_prompt():
     """Caption dropout gives stage 2 empty prompts. The token's embedding must still get a
     gradient, zeros, not None: under ZeRO-2 a rank without it reduces one tensor fewer than the

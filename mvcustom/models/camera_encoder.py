@@ -45,7 +45,13 @@ def clip_plucker(w2c: Tensor, K: Tensor, image_hw: tuple[int, int]) -> Tensor:
 
 
 def _groups(channels: int) -> int:
-    return math.gcd(channels, 32)
+    """GroupNorm groups: up to 32, at least two channels each. One channel per group (the tiny
+    widths) normalises a single value per group on the 1x1 maps of small inputs: zero signal,
+    and torch refuses it outright for a single frame (the anchor pass at 32x32)."""
+    g = math.gcd(channels, 32)
+    while g > 1 and channels // g < 2:
+        g //= 2
+    return g
 
 
 class _ResBlock(nn.Module):
