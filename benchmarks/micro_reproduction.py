@@ -63,15 +63,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CONFIGS = ROOT / "jobs" / "configs"
 
-TRUTH_COLUMNS = ("psnr_truth", "psnr_truth_subject", "ssim_truth", "ssim_truth_subject", "identity_truth")
-PAPER_COLUMNS = (
-    "pose_accuracy",
-    "rotation_error_deg",
-    "translation_error_deg",
-    "multiview_consistency",
-    "identity",
-    "text_alignment",
-)
+from pipelines.evaluation.score import METRICS, TRUTH_METRICS  # noqa: E402  (after the path)
+
+#: the evaluation's columns: against the true views, then the paper's (pipelines/evaluation/score.py)
+COLUMNS = (*TRUTH_METRICS, *METRICS)
 HIGHER_IS_BETTER = {"psnr_truth", "psnr_truth_subject", "ssim_truth", "ssim_truth_subject", "pose_accuracy"}
 
 
@@ -577,7 +572,7 @@ def table_of(results) -> dict:
             "n": int(len(scored)),
             "failed": int(len(r) - len(scored)),
         }
-        for c in (*TRUTH_COLUMNS, *PAPER_COLUMNS):
+        for c in COLUMNS:
             if c not in scored:
                 continue
             v = pd.to_numeric(scored[c], errors="coerce").dropna()

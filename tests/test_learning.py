@@ -19,7 +19,7 @@ non-anchor frames (frame 0 is the same view in every example), mean of three sam
 * trained at the true cameras vs the same cameras permuted among frames 1-3 (the frames then
   show the other views: the model follows the cameras).
 
-Measured on a 2-core CPU: untrained 15.3 dB, trained 19.2 dB, permuted 14.4 dB (v-prediction;
+Measured on a 2-core CPU: untrained 15.3 dB, trained 17.9 dB, permuted 14.8 dB (v-prediction;
 the README's learning section has the run's figures and how the old sampler fared).
 """
 
